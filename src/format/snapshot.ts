@@ -1,0 +1,105 @@
+/** The internal snapshot table (docs/interop/qcow2.rst, "Snapshots"). */
+import { corrupt, hex } from "../errors.js";
+import { getU64, setU64, textDecoder, textEncoder, view } from "./bytes.js";
+
+/** QEMU's limits (block/qcow2.h): extra data per entry, and the whole table. */
+export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
+export const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
+const ENTRY_FIXED = 40;
+
+export interface Snapshot {
+  l1TableOffset: number;
+  l1Size: number;
+  id: string;
+  name: string;
+  dateSec: number;
+  dateNsec: number;
+  /** Guest run time in nanoseconds (u64; exact below 2^53 ns, about 104 days). */
+  vmClockNsec: number;
+  vmStateSize: number;
+  /** Virtual disk size when the snapshot was taken (extra data), if recorded. */
+  diskSize?: number;
+  /** -1 when icount was disabled, if recorded. */
+  icount?: bigint;
+  /** The raw extra data, kept verbatim when the table is rewritten. */
+  extra: Uint8Array;
+}
+
+/** Decodes `count` entries from the snapshot table bytes; `base` is the table's file offset. */
+export function decodeSnapshotTable(buf: Uint8Array, count: number, base: number): Snapshot[] {
+  const dv = view(buf);
+  const out: Snapshot[] = [];
+  let at = 0;
+  for (let i = 0; i < count; i++) {
+    const where = `snapshot table entry ${i} at ${hex(base + at)}`;
+    if (at + ENTRY_FIXED > buf.length) throw corrupt(`Snapshot table truncated: ${where}`);
+    const idLen = dv.getUint16(at + 12);
+    const nameLen = dv.getUint16(at + 14);
+    const extraLen = dv.getUint32(at + 36);
+    if (extraLen > MAX_SNAPSHOT_EXTRA_DATA) throw corrupt(`Too much extra metadata in ${where}: ${extraLen} bytes`);
+    const total = ENTRY_FIXED + extraLen + idLen + nameLen;
+    if (at + total > buf.length) throw corrupt(`Snapshot table truncated: ${where} needs ${total} bytes`);
+    const e = at + ENTRY_FIXED;
+    const extra = buf.slice(e, e + extraLen);
+    const ev = view(extra);
+    const s: Snapshot = {
+      l1TableOffset: getU64(dv, at, `${where}: l1_table_offset`),
+      l1Size: dv.getUint32(at + 8),
+      id: textDecoder.decode(buf.subarray(e + extraLen, e + extraLen + idLen)),
+      name: textDecoder.decode(buf.subarray(e + extraLen + idLen, e + extraLen + idLen + nameLen)),
+      dateSec: dv.getUint32(at + 16),
+      dateNsec: dv.getUint32(at + 20),
+      vmClockNsec: Number(dv.getBigUint64(at + 24)),
+      vmStateSize: dv.getUint32(at + 32),
+      extra,
+    };
+    if (extraLen >= 8) s.vmStateSize = getU64(ev, 0, `${where}: vm_state_size`);
+    if (extraLen >= 16) s.diskSize = getU64(ev, 8, `${where}: disk_size`);
+    if (extraLen >= 24) s.icount = ev.getBigInt64(16);
+    out.push(s);
+    at += Math.ceil(total / 8) * 8;
+  }
+  return out;
+}
+
+/** Encodes the table; v3 images get extra data through disk_size (and icount when known). */
+export function encodeSnapshotTable(snapshots: Snapshot[], version: number): Uint8Array {
+  const parts = snapshots.map((s) => {
+    const id = textEncoder.encode(s.id);
+    const name = textEncoder.encode(s.name);
+    let extra = s.extra;
+    const wantExtra = version >= 3 ? Math.max(16, s.icount !== undefined ? 24 : 16) : s.extra.length;
+    if (extra.length < wantExtra) {
+      const grown = new Uint8Array(wantExtra);
+      grown.set(extra);
+      extra = grown;
+    }
+    const ev = view(extra);
+    if (extra.length >= 8) setU64(ev, 0, s.vmStateSize);
+    if (extra.length >= 16) setU64(ev, 8, s.diskSize ?? 0);
+    if (extra.length >= 24) ev.setBigInt64(16, s.icount ?? -1n);
+    const total = Math.ceil((ENTRY_FIXED + extra.length + id.length + name.length) / 8) * 8;
+    const b = new Uint8Array(total);
+    const dv = view(b);
+    setU64(dv, 0, s.l1TableOffset);
+    dv.setUint32(8, s.l1Size);
+    dv.setUint16(12, id.length);
+    dv.setUint16(14, name.length);
+    dv.setUint32(16, s.dateSec);
+    dv.setUint32(20, s.dateNsec);
+    dv.setBigUint64(24, BigInt(s.vmClockNsec));
+    dv.setUint32(32, s.vmStateSize > 0xffff_ffff ? 0 : s.vmStateSize);
+    dv.setUint32(36, extra.length);
+    b.set(extra, ENTRY_FIXED);
+    b.set(id, ENTRY_FIXED + extra.length);
+    b.set(name, ENTRY_FIXED + extra.length + id.length);
+    return b;
+  });
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}
