@@ -9,14 +9,18 @@ export type ErrorCode =
 
 export class QcowError extends Error {
   readonly code: ErrorCode;
-  constructor(code: ErrorCode, message: string, options?: { cause?: unknown }) {
+  /** A structure ran past the bytes given to its decoder (more may be read and retried). */
+  readonly truncated: boolean;
+  constructor(code: ErrorCode, message: string, options?: { cause?: unknown; truncated?: boolean }) {
     super(message, options);
     this.code = code;
+    this.truncated = options?.truncated ?? false;
     this.name = "QcowError";
   }
 }
 
 export const corrupt = (message: string): QcowError => new QcowError("corrupt", message);
+export const truncated = (message: string): QcowError => new QcowError("corrupt", message, { truncated: true });
 export const unsupported = (message: string): QcowError => new QcowError("unsupported", message);
 export const invalidArgument = (message: string): QcowError =>
   new QcowError("invalid-argument", message);

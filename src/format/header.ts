@@ -350,14 +350,6 @@ export function encodeHeader(
     setU64(view(c), 8, ext.crypto.length);
     put(EXT_CRYPTO, c);
   }
-  if (ext.bitmaps) {
-    const b = new Uint8Array(24);
-    const bv = view(b);
-    bv.setUint32(0, ext.bitmaps.nbBitmaps);
-    setU64(bv, 8, ext.bitmaps.directorySize);
-    setU64(bv, 16, ext.bitmaps.directoryOffset);
-    put(EXT_BITMAPS, b);
-  }
   if (h.version === 3 && ext.featureNames.length > 0) {
     const t = new Uint8Array(48 * ext.featureNames.length);
     ext.featureNames.forEach((f, i) => {
@@ -366,6 +358,14 @@ export function encodeHeader(
       t.set(textEncoder.encode(f.name).subarray(0, 46), i * 48 + 2);
     });
     put(EXT_FEATURE_TABLE, t);
+  }
+  if (ext.bitmaps) {
+    const b = new Uint8Array(24);
+    const bv = view(b);
+    bv.setUint32(0, ext.bitmaps.nbBitmaps);
+    setU64(bv, 8, ext.bitmaps.directorySize);
+    setU64(bv, 16, ext.bitmaps.directoryOffset);
+    put(EXT_BITMAPS, b);
   }
   for (const u of ext.unknown) put(u.type, u.data);
   at += 8; // end-of-extensions marker (zeros)

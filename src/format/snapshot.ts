@@ -1,5 +1,5 @@
 /** The internal snapshot table (docs/interop/qcow2.rst, "Snapshots"). */
-import { corrupt, hex } from "../errors.js";
+import { corrupt, hex, truncated } from "../errors.js";
 import { getU64, setU64, textDecoder, textEncoder, view } from "./bytes.js";
 
 /** QEMU's limits (block/qcow2.h): extra data per entry, and the whole table. */
@@ -32,13 +32,13 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, base: number
   let at = 0;
   for (let i = 0; i < count; i++) {
     const where = `snapshot table entry ${i} at ${hex(base + at)}`;
-    if (at + ENTRY_FIXED > buf.length) throw corrupt(`Snapshot table truncated: ${where}`);
+    if (at + ENTRY_FIXED > buf.length) throw truncated(`Snapshot table truncated: ${where}`);
     const idLen = dv.getUint16(at + 12);
     const nameLen = dv.getUint16(at + 14);
     const extraLen = dv.getUint32(at + 36);
     if (extraLen > MAX_SNAPSHOT_EXTRA_DATA) throw corrupt(`Too much extra metadata in ${where}: ${extraLen} bytes`);
     const total = ENTRY_FIXED + extraLen + idLen + nameLen;
-    if (at + total > buf.length) throw corrupt(`Snapshot table truncated: ${where} needs ${total} bytes`);
+    if (at + total > buf.length) throw truncated(`Snapshot table truncated: ${where} needs ${total} bytes`);
     const e = at + ENTRY_FIXED;
     const extra = buf.slice(e, e + extraLen);
     const ev = view(extra);

@@ -3,7 +3,7 @@
  * "Extended L2 Entries", "Host cluster management"). Entries are read as two u32 halves so
  * that no bigint is made per cluster.
  */
-import { corrupt, hex } from "../errors.js";
+import { corrupt, hex, invalidArgument, unsupported } from "../errors.js";
 
 export const OFLAG_COPIED_HI = 0x8000_0000;
 export const OFLAG_COMPRESSED_HI = 0x4000_0000;
@@ -167,8 +167,8 @@ export function decodeCompressed(
   const x = 62 - (clusterBits - 8); // 49..61: the offset field always reaches into `hi`
   const offsetHiBits = x - 32;
   const offsetHi = hi & ((1 << offsetHiBits) - 1);
-  if (offsetHi > 0x1f_ffff) throw corrupt(`Compressed cluster offset beyond 2^53 (${where()})`);
   if (offsetHi > 0x00ff_ffff) throw corrupt(`Compressed cluster offset has bits above 55 set (${where()})`);
+  if (offsetHi > 0x1f_ffff) throw corrupt(`Compressed cluster offset beyond 2^53 (${where()})`);
   const offset = offsetHi * 0x1_0000_0000 + (lo >>> 0);
   const sectors = ((hi & 0x3fff_ffff) >>> offsetHiBits) + 1;
   return { offset, size: sectors * 512 - (offset % 512) };
@@ -176,7 +176,14 @@ export function decodeCompressed(
 
 export function encodeCompressed(offset: number, size: number, clusterBits: number): [number, number] {
   const x = 62 - (clusterBits - 8);
+  // Out-of-range values would spill into the neighbouring field or the flag bits.
+  if (offset >= 2 ** x) {
+    throw unsupported(`Compressed cluster offset ${hex(offset)} does not fit in ${x} bits (cluster_bits ${clusterBits})`);
+  }
   const sectors = Math.ceil(((offset % 512) + size) / 512) - 1;
+  if (size < 1 || sectors >= 2 ** (clusterBits - 8)) {
+    throw invalidArgument(`Compressed cluster size ${size} at ${hex(offset)} does not fit a ${2 ** clusterBits}-byte cluster descriptor`);
+  }
   const hi = OFLAG_COMPRESSED_HI | (sectors << (x - 32)) | Math.floor(offset / 0x1_0000_0000);
   return [hi >>> 0, offset >>> 0];
 }

@@ -28,4 +28,6 @@ export interface Extent {
   offset?: number;
   /** Data that is stored compressed. */
   compressed?: boolean;
+  /** The file that `offset` points into (the layer's image or its external data file). */
+  file?: string;
 }

@@ -1,0 +1,252 @@
+/** The subcommands: each parses qemu-img's flags and prints qemu-img's output. */
+import { rm } from "node:fs/promises";
+import type { ParseArgsConfig } from "node:util";
+import { invalidArgument } from "../errors.js";
+import { FileStorage } from "../io/file.js";
+import type { BlockDevice } from "../image/block-device.js";
+import type { Image, ImageFormat } from "../image/open.js";
+import { RawImage } from "../image/raw.js";
+import { openImageFile } from "../node.js";
+import { compareImages } from "../ops/compare.js";
+import { convert } from "../ops/convert.js";
+import { backingChain, imageInfo } from "../ops/info.js";
+import { mapExtents } from "../ops/map.js";
+import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
+import { ExitError, formatOption } from "./exit.js";
+import { Progress } from "./progress.js";
+import { type QValue, toQemuJson } from "./qobject.js";
+import { parseSize } from "./size.js";
+
+type Values = Record<string, string | boolean | string[] | undefined>;
+type Options = NonNullable<ParseArgsConfig["options"]>;
+
+export interface Command {
+  name: string;
+  synopsis: string;
+  help: string;
+  options: Options;
+  run(values: Values, positionals: string[]): Promise<number>;
+}
+
+const str = (v: Values, k: string): string | undefined => v[k] as string | undefined;
+
+function outputFormat(v: Values): "human" | "json" {
+  const o = str(v, "output") ?? "human";
+  if (o !== "human" && o !== "json") throw invalidArgument(`--output must be used with human or json as argument.`);
+  return o;
+}
+
+function onePositional(p: string[], what: string): string {
+  if (p.length !== 1) throw new ExitError(`Expecting one image file name${what ? ` (${what})` : ""}`);
+  return p[0];
+}
+
+/** -l snapshot.name=NAME, -l snapshot.id=ID, -l NAME, or -s NAME: the snapshot to read. */
+function snapshotOption(v: Values): string | undefined {
+  const l = str(v, "l");
+  if (l !== undefined) {
+    const m = /^snapshot\.(name|id)=(.*)$/.exec(l);
+    return m ? m[2] : l;
+  }
+  return str(v, "s");
+}
+
+const info: Command = {
+  name: "info",
+  synopsis: "qcowkit info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE",
+  help: "Shows what an image is: format, sizes, backing file, snapshots and format details.",
+  options: {
+    f: { type: "string", short: "f" },
+    output: { type: "string" },
+    "backing-chain": { type: "boolean" },
+    U: { type: "boolean", short: "U" },
+    "force-share": { type: "boolean" },
+  },
+  async run(v, p) {
+    const file = onePositional(p, "");
+    const img = await openImageFile(file, { format: formatOption(str(v, "f")) });
+    try {
+      const chain = v["backing-chain"] ? backingChain(img) : [img];
+      const infos = await Promise.all(chain.map(imageInfo));
+      if (outputFormat(v) === "json") {
+        const value = (v["backing-chain"] ? infos : infos[0]) as unknown as QValue;
+        process.stdout.write(`${toQemuJson(value)}\n`);
+      } else {
+        process.stdout.write(infos.map(humanInfo).join("\n"));
+      }
+    } finally {
+      await img.close();
+    }
+    return 0;
+  },
+};
+
+const map: Command = {
+  name: "map",
+  synopsis: "qcowkit map [-f FMT] [--output human|json] [--start-offset OFFSET] [--max-length LEN] [-U] FILE",
+  help: "Lists the guest address space: where data, zeros and holes are, and which layer holds them.",
+  options: {
+    f: { type: "string", short: "f" },
+    output: { type: "string" },
+    "start-offset": { type: "string" },
+    "max-length": { type: "string" },
+    U: { type: "boolean", short: "U" },
+    "force-share": { type: "boolean" },
+  },
+  async run(v, p) {
+    const file = onePositional(p, "");
+    const json = outputFormat(v) === "json";
+    const img = await openImageFile(file, { format: formatOption(str(v, "f")) });
+    try {
+      const start = str(v, "start-offset") !== undefined ? parseSize(str(v, "start-offset") as string, "offset") : 0;
+      const maxLength = str(v, "max-length") !== undefined ? parseSize(str(v, "max-length") as string, "length") : img.size;
+      const end = Math.min(img.size, start + maxLength);
+      const out: string[] = [];
+      const write = (s: string): void => {
+        out.push(s);
+        if (out.length >= 256) process.stdout.write(out.splice(0).join(""));
+      };
+      write(json ? "[" : humanMapHeader());
+      let first = true;
+      if (start < end) {
+        for await (const e of mapExtents(img, start, end - start)) {
+          if (json) {
+            write(`${first ? "" : ",\n"}${jsonMapEntry(e)}`);
+            first = false;
+          } else {
+            write(humanMapEntry(e));
+          }
+        }
+      }
+      if (json) write("]\n");
+      process.stdout.write(out.join(""));
+    } finally {
+      await img.close();
+    }
+    return 0;
+  },
+};
+
+async function openSources(files: string[], fmt: ImageFormat | undefined, snapshot: string | undefined): Promise<Image[]> {
+  const opened: Image[] = [];
+  try {
+    for (const f of files) opened.push(await openImageFile(f, { format: fmt, snapshot }));
+  } catch (e) {
+    await Promise.all(opened.map((i) => i.close()));
+    throw e;
+  }
+  return opened;
+}
+
+const convertCmd: Command = {
+  name: "convert",
+  synopsis:
+    "qcowkit convert [-f FMT] [-O raw] [-l snapshot.name=NAME | -s NAME] [-S SIZE] [-m N] [-W] [-p] [-q] SRC... DST",
+  help: [
+    "Copies the guest contents of SRC (several are concatenated) into a new image DST.",
+    "  -O raw       output format (raw)",
+    "  -l snapshot.name=NAME, -s NAME   read an internal snapshot of SRC",
+    "  -S SIZE      zero runs of at least SIZE bytes become holes (default 4k; 0 disables)",
+    "  -m N         requests in flight (default 8)",
+    "  -p           show progress",
+  ].join("\n"),
+  options: {
+    f: { type: "string", short: "f" },
+    O: { type: "string", short: "O" },
+    l: { type: "string", short: "l" },
+    s: { type: "string", short: "s" },
+    S: { type: "string", short: "S" },
+    m: { type: "string", short: "m" },
+    W: { type: "boolean", short: "W" },
+    p: { type: "boolean", short: "p" },
+    q: { type: "boolean", short: "q" },
+    U: { type: "boolean", short: "U" },
+    "force-share": { type: "boolean" },
+  },
+  async run(v, p) {
+    if (p.length < 2) throw new ExitError("Expecting image file name(s) and a target");
+    const target = p[p.length - 1];
+    const outFmt = str(v, "O") ?? "raw";
+    if (outFmt !== "raw") throw invalidArgument(`Output format '${outFmt}' is not supported yet (only raw)`);
+    const minSparse = str(v, "S") !== undefined ? parseSize(str(v, "S") as string, "sparse size") : 4096;
+    const parallel = str(v, "m") !== undefined ? Number(str(v, "m")) : 8;
+    if (!Number.isInteger(parallel) || parallel < 1 || parallel > 16) throw invalidArgument("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+    const sources = await openSources(p.slice(0, -1), formatOption(str(v, "f")), snapshotOption(v));
+    const progress = new Progress(Boolean(v.p) && !v.q);
+    let out: BlockDevice | undefined;
+    try {
+      const total = sources.reduce((n, s) => n + s.size, 0);
+      const storage = await FileStorage.open(target, { readOnly: false, create: true });
+      await storage.truncate(total);
+      out = await RawImage.open(storage, target);
+      await convert(sources, out, { minSparse, parallel, targetZeroed: true, onProgress: (f) => progress.update(f) });
+      await out.flush();
+    } catch (e) {
+      await out?.close().catch(() => {});
+      out = undefined;
+      await rm(target, { force: true }).catch(() => {});
+      throw e;
+    } finally {
+      await out?.close();
+      await Promise.all(sources.map((s) => s.close()));
+    }
+    progress.end();
+    return 0;
+  },
+};
+
+const compare: Command = {
+  name: "compare",
+  synopsis: "qcowkit compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2",
+  help: "Compares the guest contents of two images: exit 0 identical, 1 different, 2 on error.",
+  options: {
+    f: { type: "string", short: "f" },
+    F: { type: "string", short: "F" },
+    p: { type: "boolean", short: "p" },
+    q: { type: "boolean", short: "q" },
+    s: { type: "boolean", short: "s" },
+    U: { type: "boolean", short: "U" },
+    "force-share": { type: "boolean" },
+  },
+  async run(v, p) {
+    if (p.length !== 2) throw new ExitError("Expecting two image file names", 2);
+    let a: Image | undefined;
+    let b: Image | undefined;
+    try {
+      a = await openImageFile(p[0], { format: formatOption(str(v, "f")) });
+      b = await openImageFile(p[1], { format: formatOption(str(v, "F")) });
+    } catch (e) {
+      await a?.close();
+      throw new ExitError((e as Error).message, 2);
+    }
+    const quiet = Boolean(v.q);
+    const progress = new Progress(Boolean(v.p) && !quiet);
+    try {
+      const r = await compareImages(a, b, { strict: Boolean(v.s), onProgress: (f) => progress.update(f) });
+      progress.end();
+      if (!quiet) process.stdout.write(r.messages.map((m) => `${m}\n`).join(""));
+      return r.identical ? 0 : 1;
+    } catch (e) {
+      throw new ExitError((e as Error).message, 4);
+    } finally {
+      await a.close();
+      await b.close();
+    }
+  },
+};
+
+export const commands: Command[] = [info, map, convertCmd, compare];
+
+export function usage(): string {
+  return [
+    "qcowkit: QCOW2 disk images without QEMU (a drop-in for qemu-img's subcommands)",
+    "",
+    "usage: qcowkit COMMAND [options]",
+    "",
+    "Commands:",
+    ...commands.map((c) => `  ${c.synopsis}`),
+    "",
+    "Run 'qcowkit COMMAND --help' for a command's options. Set QCOWKIT_DEBUG=1 for stack traces.",
+    "",
+  ].join("\n");
+}

@@ -1,0 +1,57 @@
+/** Node codecs: zlib from Node itself, zstd from zstd-napi (native libzstd). */
+import { constants, deflateRawSync, inflateRawSync } from "node:zlib";
+import { createRequire } from "node:module";
+import type * as ZstdBinding from "zstd-napi/binding.js";
+import { corrupt } from "../errors.js";
+import type { Codec, Codecs } from "./codec.js";
+
+export const nodeZlib: Codec = {
+  name: "zlib",
+  async decompress(src, dst) {
+    let out: Buffer;
+    try {
+      // Z_SYNC_FLUSH: a stream cut at the end of its last sector still yields what it holds.
+      out = inflateRawSync(src, { finishFlush: constants.Z_SYNC_FLUSH, maxOutputLength: dst.length + 1 });
+    } catch (e) {
+      throw corrupt(`Compressed cluster does not inflate: ${(e as Error).message}`);
+    }
+    if (out.length < dst.length) throw corrupt(`Compressed cluster inflates to ${out.length} bytes, expected ${dst.length}`);
+    dst.set(out.subarray(0, dst.length));
+  },
+  async compress(src) {
+    const out = deflateRawSync(src, { windowBits: 12, level: constants.Z_DEFAULT_COMPRESSION });
+    return out.length < src.length ? out : undefined;
+  },
+};
+
+// The native binding is CommonJS that assigns a .node module; load it the CommonJS way.
+const zstd = createRequire(import.meta.url)("zstd-napi/binding.js") as typeof ZstdBinding;
+let dctx: ZstdBinding.DCtx | undefined;
+
+export const nodeZstd: Codec = {
+  name: "zstd",
+  async decompress(src, dst) {
+    dctx ??= new zstd.DCtx();
+    // As QEMU does: stream frames until the cluster is full; trailing bytes are ignored.
+    let inAt = 0;
+    let outAt = 0;
+    try {
+      while (outAt < dst.length && inAt < src.length) {
+        const [, produced, consumed] = dctx.decompressStream(dst.subarray(outAt), src.subarray(inAt));
+        if (produced === 0 && consumed === 0) break;
+        outAt += produced;
+        inAt += consumed;
+      }
+    } catch (e) {
+      dctx = undefined;
+      throw corrupt(`Compressed cluster does not decompress (zstd): ${(e as Error).message}`);
+    }
+    if (outAt < dst.length) {
+      dctx = undefined;
+      throw corrupt(`Compressed cluster decompresses to ${outAt} bytes, expected ${dst.length} (zstd)`);
+    }
+    dctx.reset(zstd.ResetDirective.sessionOnly);
+  },
+};
+
+export const nodeCodecs: Codecs = { zlib: nodeZlib, zstd: nodeZstd };

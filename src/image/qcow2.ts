@@ -1,0 +1,481 @@
+/**
+ * Qcow2Image: a qcow2 image as a BlockDevice. This file holds opening and the read path
+ * (cluster mapping through L1/L2, compressed clusters, backing files, block status).
+ */
+import type { Codec, Codecs } from "../codec/codec.js";
+import { QcowError, corrupt, hex, unsupported } from "../errors.js";
+import { view } from "../format/bytes.js";
+import {
+  AUTOCLEAR_DATA_FILE_RAW,
+  COMPRESSION_ZSTD,
+  CRYPT_NONE,
+  type HeaderExtensions,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
+  INCOMPAT_KNOWN,
+  COMPAT_LAZY_REFCOUNTS,
+  type Qcow2Header,
+  decodeBackingName,
+  decodeExtensions,
+  decodeHeader,
+  nameFeatures,
+} from "../format/header.js";
+import { type Snapshot, decodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES } from "../format/snapshot.js";
+import { type BitmapDirectoryEntry, decodeBitmapDirectory, MAX_BITMAP_DIRECTORY_BYTES } from "../format/bitmap.js";
+import {
+  ClusterType,
+  type L2Entry,
+  type L2Geometry,
+  SubclusterType,
+  decodeL1Entry,
+  decodeL2Entry,
+  subclusterType,
+} from "../format/tables.js";
+import { type Storage, readFull } from "../io/storage.js";
+import type { BlockDevice, Extent } from "./block-device.js";
+import { TableCache } from "./cache.js";
+import type { RawImage } from "./raw.js";
+
+/** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
+export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
+
+export interface Qcow2OpenOptions {
+  readOnly?: boolean;
+  codecs?: Codecs;
+  /** The backing file, already opened by the caller (see openImage), if the image has one. */
+  backing?: Qcow2Image | RawImage;
+  /** The external data file, if the image has one. */
+  dataFile?: Storage;
+  /** Read this internal snapshot (by id or name) instead of the active layer; read-only. */
+  snapshot?: string;
+  l2CacheBytes?: number;
+  /** The name the image was opened by (for messages and `info`). */
+  filename?: string;
+  /** The resolved name of the backing file, as `full-backing-filename` shows it. */
+  backingFilename?: string;
+}
+
+/** A guest range whose subclusters share one status, as read from one L2 table. */
+export interface MappingRun {
+  type: SubclusterType;
+  /** Guest bytes covered (may exceed what was asked for only up to cluster granularity). */
+  length: number;
+  /** Host offset of the first byte for Normal, ZeroAlloc and UnallocatedAlloc runs. */
+  hostOffset?: number;
+  /** Compressed runs are one cluster: where the compressed bytes are. */
+  compressed?: { offset: number; size: number };
+}
+
+export class Qcow2Image implements BlockDevice {
+  readonly format = "qcow2";
+  readonly filename: string;
+  readonly backingFilename: string | undefined;
+  readonly storage: Storage;
+  readonly header: Qcow2Header;
+  readonly extensions: HeaderExtensions;
+  readonly backingName: string | undefined;
+  readonly backing: Qcow2Image | RawImage | undefined;
+  readonly dataFile: Storage | undefined;
+  readonly readOnly: boolean;
+  readonly clusterSize: number;
+  readonly clusterBits: number;
+  readonly l2Entries: number;
+  readonly subclusterSize: number;
+  readonly snapshots: Snapshot[];
+  readonly bitmaps: BitmapDirectoryEntry[];
+  size: number;
+
+  private readonly geometry: L2Geometry;
+  private readonly l2EntryBytes: number;
+  private readonly l1: Float64Array;
+  private readonly l2Cache: TableCache<DataView>;
+  private readonly codec: Codec | undefined;
+  private readonly compressedCache = new TableCache<Uint8Array>(4 * 2 * 1024 * 1024);
+
+  private constructor(init: {
+    storage: Storage;
+    header: Qcow2Header;
+    extensions: HeaderExtensions;
+    backingName: string | undefined;
+    opts: Qcow2OpenOptions;
+    l1: Float64Array;
+    size: number;
+    snapshots: Snapshot[];
+    bitmaps: BitmapDirectoryEntry[];
+  }) {
+    const { header: h, opts } = init;
+    this.storage = init.storage;
+    this.filename = opts.filename ?? init.storage.name;
+    this.backingFilename = opts.backingFilename;
+    this.header = h;
+    this.extensions = init.extensions;
+    this.backingName = init.backingName;
+    this.backing = opts.backing;
+    this.dataFile = opts.dataFile;
+    this.readOnly = opts.readOnly ?? true;
+    this.clusterBits = h.clusterBits;
+    this.clusterSize = 2 ** h.clusterBits;
+    const extendedL2 = (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+    this.l2EntryBytes = extendedL2 ? 16 : 8;
+    this.l2Entries = this.clusterSize / this.l2EntryBytes;
+    this.subclusterSize = extendedL2 ? this.clusterSize / 32 : this.clusterSize;
+    this.geometry = {
+      clusterBits: h.clusterBits,
+      extendedL2,
+      externalData: (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n,
+      version: h.version,
+    };
+    this.l1 = init.l1;
+    this.size = init.size;
+    this.snapshots = init.snapshots;
+    this.bitmaps = init.bitmaps;
+    this.l2Cache = new TableCache<DataView>(opts.l2CacheBytes ?? DEFAULT_L2_CACHE_BYTES);
+    const codecs = opts.codecs ?? {};
+    this.codec = h.compressionType === COMPRESSION_ZSTD ? codecs.zstd : codecs.zlib;
+  }
+
+  /** Reads and validates the header; the caller opens backing and data files (see openImage). */
+  static async readHeader(storage: Storage): Promise<{
+    header: Qcow2Header;
+    extensions: HeaderExtensions;
+    backingName: string | undefined;
+  }> {
+    const first = new Uint8Array(512);
+    await readFull(storage, first, 0);
+    const clusterBits = view(first).getUint32(20);
+    let buf = first;
+    if (clusterBits > 9 && clusterBits <= 21) {
+      buf = new Uint8Array(2 ** clusterBits);
+      await readFull(storage, buf, 0);
+    }
+    const header = decodeHeader(buf);
+    const extensions = decodeExtensions(buf, header);
+    const unknown = header.incompatibleFeatures & ~INCOMPAT_KNOWN;
+    if (unknown !== 0n) {
+      throw unsupported(`Unsupported qcow2 feature(s): ${nameFeatures(unknown, "incompatible", extensions.featureNames)}`);
+    }
+    if (header.cryptMethod !== CRYPT_NONE) {
+      throw unsupported(
+        `Encrypted images are not supported (qcow2 ${header.cryptMethod === 1 ? "AES" : "LUKS"} encryption)`,
+      );
+    }
+    return { header, extensions, backingName: decodeBackingName(buf, header) };
+  }
+
+  static async open(storage: Storage, opts: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
+    const { header: h, extensions, backingName } = await Qcow2Image.readHeader(storage);
+    const readOnly = opts.readOnly ?? true;
+    if (!readOnly && h.incompatibleFeatures & INCOMPAT_CORRUPT) {
+      throw corrupt("qcow2: Image is corrupt; cannot be opened read/write");
+    }
+    if (h.incompatibleFeatures & INCOMPAT_DATA_FILE && !opts.dataFile) {
+      throw new QcowError("invalid-argument", "Could not open the external data file: no data file given");
+    }
+    if (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW && !(h.incompatibleFeatures & INCOMPAT_DATA_FILE)) {
+      throw corrupt("data-file-raw requires a data file");
+    }
+    const clusterSize = 2 ** h.clusterBits;
+    const snapshots = await readSnapshotTable(storage, h);
+    const bitmaps = await readBitmapDirectory(storage, h, extensions);
+    let l1Offset = h.l1TableOffset;
+    let l1Size = h.l1Size;
+    let size = h.size;
+    if (opts.snapshot !== undefined) {
+      const sn = findSnapshot(snapshots, opts.snapshot);
+      if (!sn) throw new QcowError("not-found", `Can't find snapshot '${opts.snapshot}'`);
+      if (!readOnly) throw new QcowError("invalid-argument", "A snapshot can only be opened read-only");
+      l1Offset = sn.l1TableOffset;
+      l1Size = sn.l1Size;
+      size = sn.diskSize ?? h.size;
+      if (l1Offset % clusterSize !== 0) throw corrupt(`Snapshot L1 table offset ${hex(l1Offset)} is not aligned`);
+      if (l1Size * 8 > 32 * 1024 * 1024) throw corrupt(`Snapshot L1 table too large: ${l1Size} entries`);
+    }
+    const l1 = await readL1(storage, l1Offset, l1Size, clusterSize);
+    return new Qcow2Image({ storage, header: h, extensions, backingName, opts: { ...opts, readOnly }, l1, size, snapshots, bitmaps });
+  }
+
+  get extendedL2(): boolean {
+    return this.geometry.extendedL2;
+  }
+  get dirty(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_DIRTY) !== 0n;
+  }
+  get corrupt(): boolean {
+    return (this.header.incompatibleFeatures & INCOMPAT_CORRUPT) !== 0n;
+  }
+  get lazyRefcounts(): boolean {
+    return (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
+  }
+
+  private async loadL2(l2Offset: number): Promise<DataView> {
+    return this.l2Cache.get(l2Offset, async () => {
+      const buf = new Uint8Array(this.clusterSize);
+      await readFull(this.storage, buf, l2Offset);
+      return view(buf);
+    });
+  }
+
+  /** The decoded L2 entry for guest cluster `gc`, or undefined when its L2 table is absent. */
+  async l2Entry(gc: number): Promise<L2Entry | undefined> {
+    const l1Index = Math.floor(gc / this.l2Entries);
+    const l2Offset = l1Index < this.l1.length ? this.l1[l1Index] : 0;
+    if (l2Offset === 0) return undefined;
+    const table = await this.loadL2(l2Offset);
+    return this.decodeAt(table, gc % this.l2Entries, l2Offset);
+  }
+
+  private decodeAt(table: DataView, i: number, l2Offset: number): L2Entry {
+    const at = i * this.l2EntryBytes;
+    const ext = this.l2EntryBytes === 16;
+    return decodeL2Entry(
+      table.getUint32(at),
+      table.getUint32(at + 4),
+      ext ? table.getUint32(at + 8) : 0,
+      ext ? table.getUint32(at + 12) : 0,
+      this.geometry,
+      () => `L2 table at ${hex(l2Offset)}, index ${i}`,
+    );
+  }
+
+  /**
+   * The status of the guest range starting at `offset`: one run of subclusters that share a
+   * type (and, where they have one, contiguous host offsets), limited to `maxLength` and to one
+   * L2 table.
+   */
+  async mapping(offset: number, maxLength: number): Promise<MappingRun> {
+    const cs = this.clusterSize;
+    const gc = Math.floor(offset / cs);
+    const l1Index = Math.floor(gc / this.l2Entries);
+    const tableEnd = (l1Index + 1) * this.l2Entries * cs;
+    const limit = Math.min(offset + maxLength, tableEnd);
+    const l2Offset = l1Index < this.l1.length ? this.l1[l1Index] : 0;
+    if (l2Offset === 0) return { type: SubclusterType.UnallocatedPlain, length: limit - offset };
+    const table = await this.loadL2(l2Offset);
+    const sc = this.subclusterSize;
+    let pos = offset;
+    let run: MappingRun | undefined;
+    let expectHost = 0;
+    while (pos < limit) {
+      const c = Math.floor(pos / cs);
+      const e = this.decodeAt(table, c % this.l2Entries, l2Offset);
+      const clusterStart = c * cs;
+      const clusterEnd = clusterStart + cs;
+      if (e.type === ClusterType.Compressed) {
+        if (run) break;
+        return {
+          type: SubclusterType.Compressed,
+          length: Math.min(clusterEnd, limit) - pos,
+          compressed: { offset: e.hostOffset, size: e.compressedSize },
+        };
+      }
+      // Walk subclusters of this cluster (one step without extended L2).
+      let s = Math.floor((pos - clusterStart) / sc);
+      while (pos < limit && pos < clusterEnd) {
+        const t = subclusterType(e, s, this.geometry.extendedL2);
+        const hasHost = t === SubclusterType.Normal || t === SubclusterType.ZeroAlloc || t === SubclusterType.UnallocatedAlloc;
+        const host = hasHost ? e.hostOffset + (pos - clusterStart) : 0;
+        const stepEnd = Math.min(clusterStart + (s + 1) * sc, limit);
+        if (!run) {
+          run = { type: t, length: 0 };
+          if (hasHost) run.hostOffset = host;
+        } else if (run.type !== t || (hasHost && host !== expectHost)) {
+          return run;
+        }
+        run.length += stepEnd - pos;
+        expectHost = host + (stepEnd - pos);
+        pos = stepEnd;
+        s++;
+      }
+    }
+    return run ?? { type: SubclusterType.UnallocatedPlain, length: limit - offset };
+  }
+
+  async read(dst: Uint8Array, offset: number): Promise<void> {
+    if (offset < 0 || offset + dst.length > this.size) {
+      throw new QcowError("invalid-argument", `Read of ${dst.length} bytes at ${offset} is beyond the end of the image (${this.size})`);
+    }
+    const jobs: Promise<void>[] = [];
+    let pos = offset;
+    const end = offset + dst.length;
+    while (pos < end) {
+      const run = await this.mapping(pos, end - pos);
+      const part = dst.subarray(pos - offset, pos - offset + run.length);
+      jobs.push(this.readRun(run, part, pos));
+      pos += run.length;
+    }
+    await Promise.all(jobs);
+  }
+
+  private async readRun(run: MappingRun, dst: Uint8Array, guestOffset: number): Promise<void> {
+    switch (run.type) {
+      case SubclusterType.Normal:
+        await readFull(this.dataFile ?? this.storage, dst, run.hostOffset as number);
+        return;
+      case SubclusterType.ZeroPlain:
+      case SubclusterType.ZeroAlloc:
+        dst.fill(0);
+        return;
+      case SubclusterType.UnallocatedPlain:
+      case SubclusterType.UnallocatedAlloc:
+        await this.readBacking(dst, guestOffset);
+        return;
+      case SubclusterType.Compressed: {
+        const cluster = await this.decompressCluster(run.compressed as { offset: number; size: number });
+        const within = guestOffset % this.clusterSize;
+        dst.set(cluster.subarray(within, within + dst.length));
+        return;
+      }
+    }
+  }
+
+  /** Reads from the backing file, with zeros past its end (or where there is none). */
+  private async readBacking(dst: Uint8Array, offset: number): Promise<void> {
+    const b = this.backing;
+    const inBacking = b ? Math.max(0, Math.min(dst.length, b.size - offset)) : 0;
+    if (b && inBacking > 0) await b.read(dst.subarray(0, inBacking), offset);
+    dst.fill(0, inBacking);
+  }
+
+  private async decompressCluster(c: { offset: number; size: number }): Promise<Uint8Array> {
+    return this.compressedCache.get(c.offset, async () => {
+      if (!this.codec) {
+        throw unsupported(`No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`);
+      }
+      const src = new Uint8Array(c.size);
+      await readFull(this.storage, src, c.offset);
+      const out = new Uint8Array(this.clusterSize);
+      await this.codec.decompress(src, out);
+      return out;
+    });
+  }
+
+  /**
+   * Extents of [offset, offset+length) as `qemu-img map` sees them, through the backing chain.
+   * Work follows the L1/L2 tables: an absent L2 table is one step, however much it covers.
+   */
+  async *blockStatus(offset: number, length: number): AsyncIterable<Extent> {
+    const end = Math.min(offset + length, this.size);
+    const file = this.dataFile?.name ?? this.filename;
+    let pos = offset;
+    while (pos < end) {
+      const run = await this.mapping(pos, end - pos);
+      const runEnd = pos + run.length;
+      const at = run.hostOffset;
+      switch (run.type) {
+        case SubclusterType.Normal:
+          yield { start: pos, length: run.length, present: true, zero: false, data: true, depth: 0, offset: at, file };
+          break;
+        case SubclusterType.Compressed:
+          yield { start: pos, length: run.length, present: true, zero: false, data: true, depth: 0, compressed: true };
+          break;
+        case SubclusterType.ZeroPlain:
+          yield { start: pos, length: run.length, present: true, zero: true, data: false, depth: 0 };
+          break;
+        case SubclusterType.ZeroAlloc:
+          yield { start: pos, length: run.length, present: true, zero: true, data: false, depth: 0, offset: at, file };
+          break;
+        default:
+          yield* this.backingStatus(pos, runEnd, at, file);
+      }
+      pos = runEnd;
+    }
+  }
+
+  /**
+   * Status of a range this layer leaves unallocated: the backing file's, one level deeper.
+   * Past the backing file's end (or without one) it reads as zeros from this layer, keeping
+   * the host offset an allocated-but-unused subcluster has.
+   */
+  private async *backingStatus(start: number, end: number, hostOffset: number | undefined, file: string): AsyncIterable<Extent> {
+    const b = this.backing;
+    const inBackingEnd = b ? Math.min(end, b.size) : start;
+    if (b && start < inBackingEnd) {
+      for await (const e of b.blockStatus(start, inBackingEnd - start)) yield { ...e, depth: e.depth + 1 };
+    }
+    const from = Math.max(start, inBackingEnd);
+    if (from >= end) return;
+    const e: Extent = { start: from, length: end - from, present: false, zero: true, data: false, depth: 0 };
+    if (hostOffset !== undefined) {
+      e.offset = hostOffset + (from - start);
+      e.file = file;
+    }
+    yield e;
+  }
+
+  async write(_src: Uint8Array, _offset: number): Promise<void> {
+    throw this.notWritable();
+  }
+  async writeZeroes(_offset: number, _length: number): Promise<void> {
+    throw this.notWritable();
+  }
+  async discard(_offset: number, _length: number): Promise<void> {
+    throw this.notWritable();
+  }
+  private notWritable(): QcowError {
+    return new QcowError("read-only", `${this.storage.name} is open read-only`);
+  }
+
+  async flush(): Promise<void> {
+    if (!this.readOnly) await this.storage.flush();
+  }
+
+  async close(): Promise<void> {
+    await this.storage.close();
+    await this.dataFile?.close();
+    await this.backing?.close();
+  }
+}
+
+export function findSnapshot(snapshots: Snapshot[], idOrName: string): Snapshot | undefined {
+  return snapshots.find((s) => s.id === idOrName) ?? snapshots.find((s) => s.name === idOrName);
+}
+
+async function readL1(storage: Storage, offset: number, entries: number, clusterSize: number): Promise<Float64Array> {
+  const l1 = new Float64Array(entries);
+  if (entries === 0) return l1;
+  const buf = new Uint8Array(entries * 8);
+  await readFull(storage, buf, offset);
+  const dv = view(buf);
+  for (let i = 0; i < entries; i++) {
+    l1[i] = decodeL1Entry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), clusterSize, i).l2Offset;
+  }
+  return l1;
+}
+
+async function readSnapshotTable(storage: Storage, h: Qcow2Header): Promise<Snapshot[]> {
+  if (h.nbSnapshots === 0) return [];
+  const available = Math.max(0, (await storage.size()) - h.snapshotsOffset);
+  return readGrowing(storage, h.snapshotsOffset, Math.min(MAX_SNAPSHOT_TABLE_BYTES, available), (buf) =>
+    decodeSnapshotTable(buf, h.nbSnapshots, h.snapshotsOffset),
+  );
+}
+
+/**
+ * Reads a variable-length table whose size is only known by decoding it: start small and grow,
+ * so that an absurd entry count costs no more than what the file really holds.
+ */
+async function readGrowing<T>(storage: Storage, offset: number, limit: number, decode: (buf: Uint8Array) => T): Promise<T> {
+  let n = Math.min(limit, 64 * 1024);
+  for (;;) {
+    const buf = new Uint8Array(n);
+    await readFull(storage, buf, offset);
+    try {
+      return decode(buf);
+    } catch (e) {
+      if (n >= limit || !(e instanceof QcowError && e.truncated)) throw e;
+      n = Math.min(limit, n * 4);
+    }
+  }
+}
+
+async function readBitmapDirectory(storage: Storage, h: Qcow2Header, ext: HeaderExtensions): Promise<BitmapDirectoryEntry[]> {
+  const b = ext.bitmaps;
+  if (!b) return [];
+  if (b.directorySize > MAX_BITMAP_DIRECTORY_BYTES) throw corrupt(`Bitmap directory too large: ${b.directorySize} bytes`);
+  if (b.directoryOffset % 2 ** h.clusterBits !== 0) throw corrupt(`Bitmap directory offset ${hex(b.directoryOffset)} is not aligned`);
+  const buf = new Uint8Array(b.directorySize);
+  await readFull(storage, buf, b.directoryOffset);
+  return decodeBitmapDirectory(buf, b.nbBitmaps, b.directoryOffset);
+}

@@ -1,0 +1,35 @@
+/**
+ * qcowkit/node: the Node.js parts — local files as Storage, the native codecs, and opening
+ * images by path.
+ */
+import { realpath } from "node:fs/promises";
+import { nodeCodecs } from "./codec/node.js";
+import { FileStorage } from "./io/file.js";
+import { type Image, type OpenImageOptions, type StorageOpener, openImage } from "./image/open.js";
+
+export { FileStorage } from "./io/file.js";
+export { nodeCodecs, nodeZlib, nodeZstd } from "./codec/node.js";
+
+/** QEMU's path_combine: a relative name is taken from the directory of the image naming it. */
+export function combinePath(base: string, relative: string): string {
+  if (relative.startsWith("/") || /^[a-z][a-z0-9+.-]*:/i.test(relative)) return relative;
+  const slash = base.lastIndexOf("/");
+  return slash < 0 ? relative : base.slice(0, slash + 1) + relative;
+}
+
+export const fileOpener: StorageOpener = {
+  open: (name, { readOnly }) => FileStorage.open(name, { readOnly }),
+  resolve: combinePath,
+  async identity(name) {
+    try {
+      return await realpath(name);
+    } catch {
+      return name;
+    }
+  },
+};
+
+/** Opens an image file (and its backing chain) with Node's file system and codecs. */
+export function openImageFile(path: string, opts: Partial<OpenImageOptions> = {}): Promise<Image> {
+  return openImage(path, { opener: fileOpener, codecs: nodeCodecs, ...opts });
+}
