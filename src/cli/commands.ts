@@ -108,18 +108,21 @@ const map: Command = {
       };
       write(json ? "[" : humanMapHeader());
       let first = true;
-      if (start < end) {
-        for await (const e of mapExtents(img, start, end - start)) {
-          if (json) {
-            write(`${first ? "" : ",\n"}${jsonMapEntry(e)}`);
-            first = false;
-          } else {
-            write(humanMapEntry(e));
+      try {
+        if (start < end) {
+          for await (const e of mapExtents(img, start, end - start)) {
+            if (json) {
+              write(`${first ? "" : ",\n"}${jsonMapEntry(e)}`);
+              first = false;
+            } else {
+              write(humanMapEntry(e));
+            }
           }
         }
+        if (json) write("]\n");
+      } finally {
+        process.stdout.write(out.join(""));
       }
-      if (json) write("]\n");
-      process.stdout.write(out.join(""));
     } finally {
       await img.close();
     }

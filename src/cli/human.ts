@@ -1,4 +1,5 @@
 /** qemu-img's human-readable formats: sizes, info blocks, snapshot tables, map listings. */
+import { QcowError } from "../errors.js";
 import type { Extent } from "../image/block-device.js";
 import type { ImageInfo, SnapshotInfo } from "../ops/info.js";
 import { type QObject, dumpHuman } from "./qobject.js";
@@ -86,7 +87,8 @@ export function humanMapHeader(): string {
 }
 
 export function humanMapEntry(e: Extent): string {
-  if (!e.data || e.offset === undefined) return "";
+  if (e.data && e.offset === undefined) throw new QcowError("unsupported", "File contains external, encrypted or compressed clusters.");
+  if (!e.data || e.zero || e.offset === undefined) return "";
   return `${hex0(e.start).padEnd(16)}${hex0(e.length).padEnd(16)}${hex0(e.offset).padEnd(16)}${e.file ?? ""}\n`;
 }
 

@@ -37,6 +37,8 @@ import { type Storage, readFull } from "../io/storage.js";
 import type { BlockDevice, Extent } from "./block-device.js";
 import { TableCache } from "./cache.js";
 import type { RawImage } from "./raw.js";
+import { Refcounts } from "./refcount.js";
+import { isZero } from "./zero.js";
 
 /** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -93,6 +95,7 @@ export class Qcow2Image implements BlockDevice {
   private readonly l2Cache: TableCache<DataView>;
   private readonly codec: Codec | undefined;
   private readonly compressedCache = new TableCache<Uint8Array>(4 * 2 * 1024 * 1024);
+  private preallocationChecked: boolean | undefined;
 
   private constructor(init: {
     storage: Storage;
@@ -365,7 +368,11 @@ export class Qcow2Image implements BlockDevice {
       const at = run.hostOffset;
       switch (run.type) {
         case SubclusterType.Normal:
-          yield { start: pos, length: run.length, present: true, zero: false, data: true, depth: 0, offset: at, file };
+          if (await this.metadataPreallocated()) {
+            yield* this.splitHoles(pos, run.length, at as number, file);
+          } else {
+            yield { start: pos, length: run.length, present: true, zero: false, data: true, depth: 0, offset: at, file };
+          }
           break;
         case SubclusterType.Compressed:
           yield { start: pos, length: run.length, present: true, zero: false, data: true, depth: 0, compressed: true };
@@ -381,6 +388,55 @@ export class Qcow2Image implements BlockDevice {
       }
       pos = runEnd;
     }
+  }
+
+  /**
+   * QEMU's qcow2_detect_metadata_preallocation: when far more clusters are refcounted than the
+   * file really has blocks for, data clusters may be unwritten holes, and block status then
+   * looks into the file to call them zero.
+   */
+  private async metadataPreallocated(): Promise<boolean> {
+    if (this.preallocationChecked !== undefined) return this.preallocationChecked;
+    const s = this.dataFile ? undefined : this.storage;
+    let result = false;
+    if (s?.allocatedSize) {
+      const fileLength = await s.size();
+      const realClusters = Math.floor((await s.allocatedSize()) / this.clusterSize);
+      const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
+      const refcounts = await Refcounts.open(s, this.header);
+      const endCluster = Math.ceil(fileLength / this.clusterSize);
+      let count = 0;
+      for (let i = 0; i < endCluster && count < threshold; i++) if ((await refcounts.get(i)) !== 0) count++;
+      result = count >= threshold;
+    }
+    this.preallocationChecked = result;
+    return result;
+  }
+
+  /**
+   * Data extents of a metadata-preallocated image, split where the file reads as zeros (the
+   * stand-in for the holes QEMU finds with SEEK_HOLE; a block written with zeros looks the same).
+   */
+  private async *splitHoles(start: number, length: number, hostOffset: number, file: string): AsyncIterable<Extent> {
+    const step = Math.min(length, 1024 * 1024);
+    const buf = new Uint8Array(step);
+    const storage = this.dataFile ?? this.storage;
+    let cur: Extent | undefined;
+    for (let done = 0; done < length; done += step) {
+      const n = Math.min(step, length - done);
+      await readFull(storage, buf.subarray(0, n), hostOffset + done);
+      for (let at = 0; at < n; at += 4096) {
+        const len = Math.min(4096, n - at);
+        const zero = isZero(buf.subarray(at, at + len));
+        if (cur && cur.zero === zero) {
+          cur.length += len;
+          continue;
+        }
+        if (cur) yield cur;
+        cur = { start: start + done + at, length: len, present: true, zero, data: true, depth: 0, offset: hostOffset + done + at, file };
+      }
+    }
+    if (cur) yield cur;
   }
 
   /**
