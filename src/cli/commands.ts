@@ -9,7 +9,7 @@ import { RawImage } from "../image/raw.js";
 import { openImageFile } from "../node.js";
 import { compareImages } from "../ops/compare.js";
 import { convert } from "../ops/convert.js";
-import { backingChain, imageInfo } from "../ops/info.js";
+import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
 import { ExitError, formatOption } from "./exit.js";
@@ -64,18 +64,31 @@ const info: Command = {
   },
   async run(v, p) {
     const file = onePositional(p, "");
-    const img = await openImageFile(file, { format: formatOption(str(v, "f")) });
-    try {
-      const chain = v["backing-chain"] ? backingChain(img) : [img];
-      const infos = await Promise.all(chain.map(imageInfo));
-      if (outputFormat(v) === "json") {
-        const value = (v["backing-chain"] ? infos : infos[0]) as unknown as QValue;
-        process.stdout.write(`${toQemuJson(value)}\n`);
-      } else {
-        process.stdout.write(infos.map(humanInfo).join("\n"));
+    const json = outputFormat(v) === "json";
+    // As qemu-img: each image is opened without its backing file; --backing-chain walks the
+    // names one by one, so a missing or looping backing file is reported, not fatal to the rest.
+    const infos: ImageInfo[] = [];
+    const seen = new Set<string>();
+    let name: string | undefined = file;
+    let format = formatOption(str(v, "f"));
+    while (name !== undefined) {
+      if (seen.has(name)) throw new ExitError(`Backing file '${name}' creates an infinite loop.`);
+      seen.add(name);
+      const img = await openImageFile(name, { format, noBacking: true });
+      try {
+        const i = await imageInfo(img);
+        infos.push(i);
+        name = v["backing-chain"] ? i["full-backing-filename"] : undefined;
+        format = formatOption(i["backing-filename-format"]);
+      } finally {
+        await img.close();
       }
-    } finally {
-      await img.close();
+    }
+    if (json) {
+      const value = (v["backing-chain"] ? infos : infos[0]) as unknown as QValue;
+      process.stdout.write(`${toQemuJson(value)}\n`);
+    } else {
+      process.stdout.write(infos.map(humanInfo).join("\n"));
     }
     return 0;
   },

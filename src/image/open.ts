@@ -93,7 +93,7 @@ async function openLayer(
         dataFile,
         snapshot,
         filename: name,
-        backingFilename: backing ? opts.opener.resolve(name, backingName as string) : undefined,
+        backingFilename: backingName !== undefined ? opts.opener.resolve(name, backingName) : undefined,
       });
     } catch (e) {
       await backing?.close();

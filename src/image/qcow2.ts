@@ -38,7 +38,6 @@ import type { BlockDevice, Extent } from "./block-device.js";
 import { TableCache } from "./cache.js";
 import type { RawImage } from "./raw.js";
 import { Refcounts } from "./refcount.js";
-import { isZero } from "./zero.js";
 
 /** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -184,19 +183,18 @@ export class Qcow2Image implements BlockDevice {
     const bitmaps = await readBitmapDirectory(storage, h, extensions);
     let l1Offset = h.l1TableOffset;
     let l1Size = h.l1Size;
-    let size = h.size;
     if (opts.snapshot !== undefined) {
       const sn = findSnapshot(snapshots, opts.snapshot);
       if (!sn) throw new QcowError("not-found", `Can't find snapshot '${opts.snapshot}'`);
       if (!readOnly) throw new QcowError("invalid-argument", "A snapshot can only be opened read-only");
+      // As QEMU's qcow2_snapshot_load_tmp: only the L1 table changes, not the disk size.
       l1Offset = sn.l1TableOffset;
       l1Size = sn.l1Size;
-      size = sn.diskSize ?? h.size;
       if (l1Offset % clusterSize !== 0) throw corrupt(`Snapshot L1 table offset ${hex(l1Offset)} is not aligned`);
       if (l1Size * 8 > 32 * 1024 * 1024) throw corrupt(`Snapshot L1 table too large: ${l1Size} entries`);
     }
     const l1 = await readL1(storage, l1Offset, l1Size, clusterSize);
-    return new Qcow2Image({ storage, header: h, extensions, backingName, opts: { ...opts, readOnly }, l1, size, snapshots, bitmaps });
+    return new Qcow2Image({ storage, header: h, extensions, backingName, opts: { ...opts, readOnly }, l1, size: h.size, snapshots, bitmaps });
   }
 
   get extendedL2(): boolean {
@@ -413,30 +411,16 @@ export class Qcow2Image implements BlockDevice {
     return result;
   }
 
-  /**
-   * Data extents of a metadata-preallocated image, split where the file reads as zeros (the
-   * stand-in for the holes QEMU finds with SEEK_HOLE; a block written with zeros looks the same).
-   */
+  /** Data extents of a metadata-preallocated image, split where the file has holes. */
   private async *splitHoles(start: number, length: number, hostOffset: number, file: string): AsyncIterable<Extent> {
-    const step = Math.min(length, 1024 * 1024);
-    const buf = new Uint8Array(step);
     const storage = this.dataFile ?? this.storage;
-    let cur: Extent | undefined;
-    for (let done = 0; done < length; done += step) {
-      const n = Math.min(step, length - done);
-      await readFull(storage, buf.subarray(0, n), hostOffset + done);
-      for (let at = 0; at < n; at += 4096) {
-        const len = Math.min(4096, n - at);
-        const zero = isZero(buf.subarray(at, at + len));
-        if (cur && cur.zero === zero) {
-          cur.length += len;
-          continue;
-        }
-        if (cur) yield cur;
-        cur = { start: start + done + at, length: len, present: true, zero, data: true, depth: 0, offset: hostOffset + done + at, file };
-      }
+    const fileEnd = await storage.size();
+    const runs = storage.dataRuns ? storage.dataRuns(hostOffset, length) : [{ start: hostOffset, length, data: true }];
+    for await (const r of runs) {
+      // Past the end of the file reads as zeros too (QEMU: BDRV_BLOCK_EOF).
+      const zero = !r.data || r.start >= fileEnd;
+      yield { start: start + (r.start - hostOffset), length: r.length, present: true, zero, data: true, depth: 0, offset: r.start, file };
     }
-    if (cur) yield cur;
   }
 
   /**

@@ -1,11 +1,8 @@
 /** RawImage: a plain file (or any Storage) as a BlockDevice. */
 import { QcowError } from "../errors.js";
-import { isZero } from "./zero.js";
 import { type Storage, readFull } from "../io/storage.js";
 import type { BlockDevice, Extent } from "./block-device.js";
 
-/** Granularity at which a raw file's holes are told apart from data (a file system block). */
-const HOLE_GRANULARITY = 4096;
 const SCAN_CHUNK = 1024 * 1024;
 
 export class RawImage implements BlockDevice {
@@ -25,7 +22,7 @@ export class RawImage implements BlockDevice {
   }
 
   static async open(storage: Storage, filename = storage.name): Promise<RawImage> {
-    return new RawImage(storage, await storage.size(), filename);
+    return new RawImage(storage, Math.ceil((await storage.size()) / 512) * 512, filename);
   }
 
   async read(dst: Uint8Array, offset: number): Promise<void> {
@@ -59,36 +56,17 @@ export class RawImage implements BlockDevice {
   }
 
   /**
-   * Data and holes. A fully allocated file is all data and a file with no blocks all holes;
-   * otherwise all-zero blocks are reported as holes (a written block of zeros reads the same).
+   * Data and holes, as QEMU's file driver reports them (holes read as zeros but are still
+   * "present"). Storage that cannot tell holes is all data. The size is rounded up to a
+   * 512-byte sector, as QEMU does; the part past the end of the file is a hole.
    */
   async *blockStatus(offset: number, length: number): AsyncIterable<Extent> {
     const end = Math.min(this.size, offset + length);
     if (offset >= end) return;
-    const allocated = this.storage.allocatedSize ? await this.storage.allocatedSize() : this.size;
-    if (allocated === 0 || allocated >= this.size) {
-      const data = allocated !== 0;
-      yield { start: offset, length: end - offset, present: true, zero: !data, data, depth: 0, offset, file: this.filename };
-      return;
+    const runs = this.storage.dataRuns ? this.storage.dataRuns(offset, end - offset) : [{ start: offset, length: end - offset, data: true }];
+    for await (const r of runs) {
+      yield { start: r.start, length: r.length, present: true, zero: !r.data, data: r.data, depth: 0, offset: r.start, file: this.filename };
     }
-    const buf = new Uint8Array(SCAN_CHUNK);
-    let run: Extent | undefined;
-    for (let chunkAt = offset; chunkAt < end; chunkAt += SCAN_CHUNK) {
-      const n = Math.min(SCAN_CHUNK, end - chunkAt);
-      await readFull(this.storage, buf.subarray(0, n), chunkAt);
-      for (let at = 0; at < n; ) {
-        const blockEnd = Math.min(n, at - ((chunkAt + at) % HOLE_GRANULARITY) + HOLE_GRANULARITY);
-        const hole = isZero(buf.subarray(at, blockEnd));
-        if (run && run.zero === hole) {
-          run.length += blockEnd - at;
-        } else {
-          if (run) yield run;
-          run = { start: chunkAt + at, length: blockEnd - at, present: true, zero: hole, data: !hole, depth: 0, offset: chunkAt + at, file: this.filename };
-        }
-        at = blockEnd;
-      }
-    }
-    if (run) yield run;
   }
 
   private check(offset: number, length: number): void {

@@ -1,7 +1,20 @@
 /** Storage on a local file, with positional reads and writes on one file handle (Node only). */
 import { type FileHandle, open } from "node:fs/promises";
+import { createRequire } from "node:module";
 import { QcowError } from "../errors.js";
-import type { Storage } from "./storage.js";
+import type { DataRun, Storage } from "./storage.js";
+
+type SeekFn = (fd: number, offset: number, which: 0 | 1) => number;
+
+/** The native lseek(SEEK_DATA/SEEK_HOLE) binding built at install (native/seek.c). */
+const seek: SeekFn | undefined = (() => {
+  try {
+    const require = createRequire(import.meta.url);
+    return (require("../../../build/Release/qcowkit_seek.node") as { seek: SeekFn }).seek;
+  } catch {
+    return undefined;
+  }
+})();
 
 export class FileStorage implements Storage {
   readonly name: string;
@@ -30,6 +43,25 @@ export class FileStorage implements Storage {
 
   async allocatedSize(): Promise<number> {
     return (await this.fh.stat()).blocks * 512;
+  }
+
+  async *dataRuns(offset: number, length: number): AsyncIterable<DataRun> {
+    const end = offset + length;
+    if (!seek) {
+      yield { start: offset, length, data: true };
+      return;
+    }
+    for (let pos = offset; pos < end; ) {
+      const data = seek(this.fh.fd, pos, 0);
+      if (data < 0 || data >= end) {
+        yield { start: pos, length: end - pos, data: false };
+        return;
+      }
+      if (data > pos) yield { start: pos, length: data - pos, data: false };
+      const hole = Math.min(end, seek(this.fh.fd, data, 1));
+      yield { start: data, length: hole - data, data: true };
+      pos = hole;
+    }
   }
 
   async read(dst: Uint8Array, offset: number): Promise<number> {

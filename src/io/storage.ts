@@ -16,6 +16,17 @@ export interface Storage {
    * blocks), as qemu-img's "disk size" reports it.
    */
   allocatedSize?(): Promise<number>;
+  /**
+   * Optional: which parts of [offset, offset+length) hold data and which are holes (as
+   * lseek's SEEK_DATA/SEEK_HOLE tell). Storage without holes leaves this out.
+   */
+  dataRuns?(offset: number, length: number): AsyncIterable<DataRun>;
+}
+
+export interface DataRun {
+  start: number;
+  length: number;
+  data: boolean;
 }
 
 /** Reads exactly dst.length bytes, filling with zeros past the end of the storage. */

@@ -17,10 +17,12 @@ export interface CompareOptions {
   onProgress?: (fraction: number) => void;
 }
 
-/** Offset of the first non-zero byte, or -1. */
+/** Start of the first 512-byte sector holding a non-zero byte, or -1 (qemu-img's find_nonzero). */
 function firstNonZero(buf: Uint8Array): number {
-  if (isZero(buf)) return -1;
-  return buf.findIndex((b) => b !== 0);
+  for (let i = 0; i < buf.length; i += SECTOR) {
+    if (!isZero(buf.subarray(i, Math.min(buf.length, i + SECTOR)))) return i;
+  }
+  return -1;
 }
 
 /** Where two buffers first differ, at 512-byte sector granularity as qemu-img reports it. */
