@@ -64,12 +64,7 @@ describe("backing chains", () => {
     const imagesDir = path.join(dir, "images");
     await create("base/base.qcow2", "2M", [], imagesDir);
     await qemuIoOk(path.join(imagesDir, "base/base.qcow2"), ["write -P 0xb0 0 2M"]);
-    await create(
-      "layers/mid.qcow2",
-      undefined,
-      ["backing_file=../base/base.qcow2", "backing_fmt=qcow2"],
-      imagesDir,
-    );
+    await create("layers/mid.qcow2", undefined, ["backing_file=../base/base.qcow2", "backing_fmt=qcow2"], imagesDir);
     await qemuIoOk(path.join(imagesDir, "layers/mid.qcow2"), ["write -P 0xb1 64k 64k"]);
     await create("top.qcow2", undefined, ["backing_file=layers/mid.qcow2", "backing_fmt=qcow2"], imagesDir);
     await qemuIoOk(path.join(imagesDir, "top.qcow2"), ["write -P 0xb2 100000 100"]);

@@ -33,15 +33,19 @@ describe("compare", () => {
     await create("compressed-src.qcow2", "4M", data);
     await qemuImgOk(["convert", "-q", "-c", "-O", "qcow2", f("compressed-src.qcow2"), f("compressed.qcow2")]);
     await create("base.qcow2", "4M", ["write -P 0x31 0 4M"]);
-    await create("overlay.qcow2", "4M", ["write -P 0x32 1M 4k", "write -z 2M 64k"], [
-      "backing_file=base.qcow2",
-      "backing_fmt=qcow2",
-    ]);
+    await create(
+      "overlay.qcow2",
+      "4M",
+      ["write -P 0x32 1M 4k", "write -z 2M 64k"],
+      ["backing_file=base.qcow2", "backing_fmt=qcow2"],
+    );
     await qemuImgOk(["convert", "-q", "-O", "qcow2", f("overlay.qcow2"), f("overlay-flat.qcow2")]);
-    await create("overlay-differs.qcow2", "4M", ["write -P 0x32 1M 4k", "write -z 2M 64k", "write -P 0x30 3M 1"], [
-      "backing_file=base.qcow2",
-      "backing_fmt=qcow2",
-    ]);
+    await create(
+      "overlay-differs.qcow2",
+      "4M",
+      ["write -P 0x32 1M 4k", "write -z 2M 64k", "write -P 0x30 3M 1"],
+      ["backing_file=base.qcow2", "backing_fmt=qcow2"],
+    );
     await fs.writeFile(f("not-qcow2.bin"), Buffer.alloc(1 * MiB, 0x5a));
   });
 

@@ -20,8 +20,8 @@ import {
   qemuImgOk,
   qemuIo,
   qemuIoOk,
-  readHeaderExtensions,
   type RunResult,
+  readHeaderExtensions,
   sizes,
   useTempDir,
 } from "./util.js";
@@ -38,7 +38,11 @@ describe("error cases", () => {
   function assertRefused(r: RunResult, code: number, what: string, message?: RegExp): void {
     assertNoStackTrace(r.stderr, what);
     assert.ok(!r.killed, `${what}: did not finish (hang?)\n${r.stderr}`);
-    assert.equal(r.code, code, `${what}: exit ${r.code}${r.signal ? ` (signal ${r.signal})` : ""}, expected ${code}\n  stderr: ${r.stderr}`);
+    assert.equal(
+      r.code,
+      code,
+      `${what}: exit ${r.code}${r.signal ? ` (signal ${r.signal})` : ""}, expected ${code}\n  stderr: ${r.stderr}`,
+    );
     assert.ok(r.stderr.startsWith(CLI_PREFIX), `${what}: stderr should start with "${CLI_PREFIX}": ${r.stderr}`);
     if (message !== undefined) assert.match(r.stderr, message, `${what}: error message`);
   }
@@ -121,30 +125,37 @@ describe("error cases", () => {
     await assertAllRefusedLikeQemu(img, { message: /fancy-frobnication/ });
   });
 
-  test("backing chain loop (a -> b -> a)", async () => {
+  test("backing chain loop (a -> b -> a)", async (t) => {
     await qemuImgOk(["create", "-q", "-f", "qcow2", f("loop-a.qcow2"), "1M"]);
     await qemuImgOk(["create", "-q", "-f", "qcow2", "-b", "loop-a.qcow2", "-F", "qcow2", f("loop-b.qcow2")], {
       cwd: tmp.dir(),
     });
     await qemuImgOk(["rebase", "-u", "-b", "loop-b.qcow2", "-F", "qcow2", f("loop-a.qcow2")], { cwd: tmp.dir() });
     const a = f("loop-a.qcow2");
-    // info without --backing-chain does not open the backing file: qemu-img succeeds.
-    await assertInfoJsonMatches(a);
-    // qemu-img: "Backing file 'loop-a.qcow2' creates an infinite loop."
-    await assertSameAsQemu(["info", "--backing-chain", a], { qemuCode: 1 });
-    const chain = await qcowkit(["info", "--backing-chain", a], { timeoutMs: 10_000 });
-    assertRefused(chain, 1, "qcowkit info --backing-chain", /loop/i);
-    // qemu-img 7.2 hangs on these; qcowkit must refuse, promptly (run side by side: a hang costs
-    // one timeout, not four).
-    const cases = [
-      [["map", a], 1],
-      [["map", "--output", "json", a], 1],
-      [["convert", "-O", "raw", a, f("loop.raw")], 1],
-      [["compare", a, f("good.qcow2")], 2],
-    ] as const;
-    const results = await Promise.all(cases.map(([args]) => qcowkit(args, { timeoutMs: 10_000 })));
-    cases.forEach(([args, code], i) => assertRefused(results[i] as RunResult, code, `qcowkit ${args.join(" ")}`, /loop/i));
-    assert.ok(!existsSync(f("loop.raw")), "convert of a looping chain left an output file behind");
+    await t.test("info without --backing-chain does not open the backing file: as qemu-img", async () => {
+      await assertInfoJsonMatches(a);
+      await assertSameAsQemu(["info", a]);
+    });
+    await t.test("info --backing-chain: refused as qemu-img refuses it", async () => {
+      // qemu-img: "Backing file 'loop-a.qcow2' creates an infinite loop."
+      await assertSameAsQemu(["info", "--backing-chain", a], { qemuCode: 1, timeoutMs: 10_000 });
+      const chain = await qcowkit(["info", "--backing-chain", a], { timeoutMs: 10_000 });
+      assertRefused(chain, 1, "qcowkit info --backing-chain", /loop/i);
+    });
+    await t.test("map, convert, compare refuse promptly (qemu-img 7.2 hangs)", async () => {
+      // Run side by side: a hang costs one timeout, not four.
+      const cases = [
+        [["map", a], 1],
+        [["map", "--output", "json", a], 1],
+        [["convert", "-O", "raw", a, f("loop.raw")], 1],
+        [["compare", a, f("good.qcow2")], 2],
+      ] as const;
+      const results = await Promise.all(cases.map(([args]) => qcowkit(args, { timeoutMs: 10_000 })));
+      for (const [i, [args, code]] of cases.entries()) {
+        assertRefused(results[i] as RunResult, code, `qcowkit ${args.join(" ")}`, /loop/i);
+      }
+      assert.ok(!existsSync(f("loop.raw")), "convert of a looping chain left an output file behind");
+    });
   });
 
   test("encrypted image (LUKS) is refused, never decrypted to ciphertext", async () => {
@@ -159,7 +170,10 @@ describe("error cases", () => {
     assert.match(r.stderr, /encrypt|secret|key/i, "the message should say the image is encrypted");
     if (existsSync(dst)) {
       const out = await fs.readFile(dst);
-      assert.ok(out.every((b) => b === 0), "convert of an encrypted image wrote ciphertext to its output");
+      assert.ok(
+        out.every((b) => b === 0),
+        "convert of an encrypted image wrote ciphertext to its output",
+      );
     }
   });
 

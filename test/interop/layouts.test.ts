@@ -9,6 +9,7 @@ import { describe, test } from "node:test";
 import {
   assertAllMatch,
   assertCleanExit,
+  assertSameAsQemu,
   diffFiles,
   qcowkit,
   qemuImgOk,
@@ -213,7 +214,19 @@ describe("qcow2 layouts written by QEMU", () => {
     await qemuIoOk(img, ["write -P 0x12 0 64k"]);
     // qemu-io's `abort` command calls abort(3): the process dies with the dirty bit set.
     const r = await qemuIo(
-      ["-f", "qcow2", "-c", "write -P 0x13 1M 128k", "-c", "write -P 0x14 3000 5000", "-c", "flush", "-c", "abort", img],
+      [
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 0x13 1M 128k",
+        "-c",
+        "write -P 0x14 3000 5000",
+        "-c",
+        "flush",
+        "-c",
+        "abort",
+        img,
+      ],
       { cwd: dir },
     );
     assert.equal(r.signal, "SIGABRT", `fixture: qemu-io abort should die of SIGABRT: ${r.code} ${r.stderr}`);
@@ -285,6 +298,29 @@ describe("qcow2 layouts written by QEMU", () => {
     await assertAllMatch(t, raw, { dir, format: "raw" });
   });
 
+  test("qemu-img's option spellings: --output=json, --output human, -Oraw, options after the file name", async () => {
+    const dir = await caseDir("spellings");
+    const img = await create(dir, "s.qcow2", "2M");
+    await qemuIoOk(img, ["write -P 0xa5 1000 70000"]);
+    for (const args of [
+      ["info", "--output=json", img],
+      ["info", "--output", "human", img],
+      ["info", img, "--output=json"],
+      ["info", "-fqcow2", "--output=json", img],
+      ["map", "--output=json", img],
+      ["map", img, "-f", "qcow2", "--output", "json"],
+    ]) {
+      const json = args.some((a) => a.includes("json"));
+      await assertSameAsQemu(args, { json });
+    }
+    const expected = path.join(dir, "expected.raw");
+    const actual = path.join(dir, "actual.raw");
+    await qemuImgOk(["convert", "-Oraw", img, expected]);
+    const k = await qcowkit(["convert", img, "-Oraw", actual]);
+    assertCleanExit(k, 0, `qcowkit convert ${img} -Oraw ${actual}`);
+    assert.equal(await diffFiles(expected, actual), undefined, "raw output differs from qemu-img's");
+  });
+
   test("convert -p prints qemu-img's progress and writes the same bytes", async () => {
     const dir = await caseDir("progress");
     const img = await create(dir, "p.qcow2", "4M");
@@ -297,7 +333,13 @@ describe("qcow2 layouts written by QEMU", () => {
     assert.equal(await diffFiles(expected, actual), undefined, "raw output differs from qemu-img's");
     // Intermediate steps depend on timing; the first and last lines do not.
     assert.ok(q.stdout.startsWith("    (0.00/100%)\r") && q.stdout.endsWith("    (100.00/100%)\r\n"), q.stdout);
-    assert.ok(k.stdout.startsWith("    (0.00/100%)\r"), `progress should start with "    (0.00/100%)\\r": ${JSON.stringify(k.stdout)}`);
-    assert.ok(k.stdout.endsWith("    (100.00/100%)\r\n"), `progress should end with "    (100.00/100%)\\r\\n": ${JSON.stringify(k.stdout)}`);
+    assert.ok(
+      k.stdout.startsWith("    (0.00/100%)\r"),
+      `progress should start with "    (0.00/100%)\\r": ${JSON.stringify(k.stdout)}`,
+    );
+    assert.ok(
+      k.stdout.endsWith("    (100.00/100%)\r\n"),
+      `progress should end with "    (100.00/100%)\\r\\n": ${JSON.stringify(k.stdout)}`,
+    );
   });
 });

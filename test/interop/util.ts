@@ -4,15 +4,16 @@
  *
  * Interop tests never skip: a missing tool is a failure whose message says how to install it.
  */
+
+import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
-import { accessSync, createReadStream, constants as fsConstants, existsSync, statSync } from "node:fs";
+import { accessSync, createReadStream, existsSync, constants as fsConstants, statSync } from "node:fs";
 import * as fs from "node:fs/promises";
 import * as os from "node:os";
 import * as path from "node:path";
-import { fileURLToPath } from "node:url";
-import assert from "node:assert/strict";
 import { after, before, type TestContext } from "node:test";
+import { fileURLToPath } from "node:url";
 
 /** Repository root: this file runs as dist/test/interop/util.js, three levels below it. */
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
@@ -416,7 +417,9 @@ export async function assertConvertMatches(src: string, opts: ConvertOptions): P
 /** Asserts an exit code and a clean stderr (no stack trace). */
 export function assertCleanExit(r: RunResult, code: number, what: string): void {
   if (r.code !== code) {
-    assert.fail(`${what}: exit ${r.code}${r.signal ? ` (signal ${r.signal})` : ""}, expected ${code}\n  stderr: ${r.stderr.trimEnd()}`);
+    assert.fail(
+      `${what}: exit ${r.code}${r.signal ? ` (signal ${r.signal})` : ""}, expected ${code}\n  stderr: ${r.stderr.trimEnd()}`,
+    );
   }
   assertNoStackTrace(r.stderr, what);
 }
