@@ -1,0 +1,184 @@
+/**
+ * convert: the target holds exactly what reading the sources gives, whatever their layout; on a
+ * target that already reads as zeros (targetZeroed) the zero runs cost no writes; several
+ * sources are concatenated.
+ */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { nodeCodecs } from "../../src/codec/node.js";
+import { QcowError } from "../../src/errors.js";
+import type { BlockDevice } from "../../src/image/block-device.js";
+import { openImage } from "../../src/image/open.js";
+import { Qcow2Image } from "../../src/image/qcow2.js";
+import { RawImage } from "../../src/image/raw.js";
+import { MemoryStorage } from "../../src/io/memory.js";
+import { convert } from "../../src/ops/convert.js";
+import { buildImage, MapOpener, noise, pattern, readAll, TracingStorage } from "./build-image.js";
+
+const CS = 4096;
+
+/** Half-zero data: the first 2 KiB zero, the second non-zero (not skippable at 4 KiB -S). */
+function halfZero(seed: number): Uint8Array {
+  const b = new Uint8Array(CS);
+  b.set(pattern(CS / 2, seed), CS / 2);
+  return b;
+}
+
+function source() {
+  return buildImage({
+    size: 40 * CS,
+    clusterBits: 12,
+    clusters: [
+      { guestCluster: 0, kind: "data", data: pattern(CS, 1) },
+      { guestCluster: 1, kind: "zero" },
+      { guestCluster: 3, kind: "zero-alloc", data: pattern(CS, 2) },
+      { guestCluster: 5, kind: "data", data: new Uint8Array(CS) }, // allocated, all zeros
+      { guestCluster: 6, kind: "data", data: halfZero(3) },
+      { guestCluster: 7, kind: "compressed", data: pattern(CS, 4) },
+      { guestCluster: 8, kind: "data", data: noise(CS, 5) },
+      { guestCluster: 9, kind: "data", data: noise(CS, 6) },
+      { guestCluster: 39, kind: "data", data: pattern(CS, 7) },
+    ],
+  });
+}
+
+/** Guest ranges of the source that hold non-zero bytes, in 4 KiB blocks. */
+const NONZERO_BLOCKS = [0, 6, 7, 8, 9, 39];
+
+async function target(size: number, fill = 0): Promise<{ dev: RawImage; storage: TracingStorage }> {
+  const storage = new TracingStorage(new Uint8Array(size).fill(fill), { name: "target.raw" });
+  return { dev: await RawImage.open(storage), storage };
+}
+
+async function openSource(): Promise<Qcow2Image> {
+  return Qcow2Image.open(source().storage("src.qcow2"), { codecs: nodeCodecs });
+}
+
+test("convert: the target equals reading the source", async () => {
+  const src = await openSource();
+  const { dev, storage } = await target(src.size);
+  await convert([src], dev, { targetZeroed: true });
+  assert.deepEqual(storage.bytes(), await readAll(src));
+  assert.deepEqual(storage.bytes(), source().expected());
+});
+
+test("convert: on a zeroed target, zero runs are not written", async () => {
+  const src = await openSource();
+  const { dev, storage } = await target(src.size);
+  await convert([src], dev, { targetZeroed: true });
+  assert.ok(storage.writes.length > 0);
+  for (const w of storage.writes) {
+    assert.equal(w.zero, false, `an all-zero write of ${w.length} bytes at ${w.offset}`);
+    for (let b = Math.floor(w.offset / CS); b < Math.ceil((w.offset + w.length) / CS); b++) {
+      assert.ok(NONZERO_BLOCKS.includes(b), `write at ${w.offset}+${w.length} touches zero block ${b}`);
+    }
+  }
+  const written = new Set(
+    storage.writes.flatMap((w) =>
+      [...Array(Math.ceil(w.length / CS)).keys()].map((i) => Math.floor(w.offset / CS) + i),
+    ),
+  );
+  assert.deepEqual(
+    [...written].sort((x, y) => x - y),
+    NONZERO_BLOCKS,
+  );
+});
+
+test("convert: on a target that is not zeroed, zero runs are overwritten", async () => {
+  const src = await openSource();
+  const { dev, storage } = await target(src.size, 0xa5);
+  await convert([src], dev);
+  assert.deepEqual(storage.bytes(), source().expected());
+});
+
+test("convert: minSparse 0 writes everything as data", async () => {
+  const src = await openSource();
+  const { dev, storage } = await target(src.size);
+  await convert([src], dev, { minSparse: 0, targetZeroed: true });
+  assert.deepEqual(storage.bytes(), source().expected());
+  // Allocated zeros are copied too (only unallocated/zero-flagged runs are left to the target).
+  assert.ok(
+    storage.writes.some((w) => w.offset <= 5 * CS && w.offset + w.length >= 6 * CS),
+    "allocated zero cluster written",
+  );
+  const dirty = await target(src.size, 0xa5);
+  await convert([await openSource()], dirty.dev, { minSparse: 0 });
+  assert.deepEqual(dirty.storage.bytes(), source().expected());
+});
+
+test("convert: several sources are concatenated", async () => {
+  const a = await openSource();
+  const rawBytes = noise(3 * CS + 1000, 9); // a raw source whose size is not a cluster multiple
+  const b = await RawImage.open(new MemoryStorage(rawBytes, { name: "b.raw" }));
+  const cImg = buildImage({
+    size: 5 * CS,
+    clusterBits: 12,
+    backingFile: "base.raw",
+    backingFormat: "raw",
+    clusters: [{ guestCluster: 2, kind: "compressed", data: pattern(CS, 10) }],
+  });
+  const base = pattern(5 * CS, 11);
+  const c = await openImage("c.qcow2", {
+    opener: new MapOpener(
+      new Map([
+        ["c.qcow2", cImg.bytes],
+        ["base.raw", base],
+      ]),
+    ),
+    codecs: nodeCodecs,
+  });
+  const sources: BlockDevice[] = [a, b, c, a];
+  const total = sources.reduce((n, s) => n + s.size, 0);
+  const want = new Uint8Array(total);
+  let at = 0;
+  for (const s of sources) {
+    want.set(await readAll(s), at);
+    at += s.size;
+  }
+  assert.deepEqual(want.subarray(a.size, a.size + rawBytes.length), rawBytes);
+  for (const targetZeroed of [true, false]) {
+    const { dev, storage } = await target(total, targetZeroed ? 0 : 0x5a);
+    await convert(sources, dev, { targetZeroed });
+    assert.deepEqual(storage.bytes(), want, `targetZeroed ${targetZeroed}`);
+  }
+});
+
+test("convert: the same result with one request in flight or many", async () => {
+  const big = buildImage({
+    size: 3 * 1024 * 1024,
+    clusterBits: 16,
+    clusters: Array.from({ length: 40 }, (_, i) => ({
+      guestCluster: i + (i > 20 ? 3 : 0),
+      kind: i % 3 === 0 ? ("compressed" as const) : ("data" as const),
+      data: i % 3 === 0 ? pattern(65536, i) : noise(65536, i),
+    })),
+  });
+  for (const parallel of [1, 3, 32]) {
+    const src = await Qcow2Image.open(big.storage(), { codecs: nodeCodecs });
+    const { dev, storage } = await target(src.size);
+    await convert([src], dev, { parallel, targetZeroed: true });
+    assert.deepEqual(storage.bytes(), big.expected(), `parallel ${parallel}`);
+  }
+});
+
+test("convert: progress ends at 1", async () => {
+  const src = await openSource();
+  const { dev } = await target(src.size);
+  const seen: number[] = [];
+  await convert([src], dev, { targetZeroed: true, onProgress: (f) => seen.push(f) });
+  assert.equal(seen[seen.length - 1], 1);
+  assert.ok(seen.every((f) => f >= 0 && f <= 1));
+});
+
+test("convert: a read error in a source fails the convert with that error", async () => {
+  const img = source();
+  const bytes = img.bytes.slice();
+  const l2 = img.active.l2Offsets.get(0) as number;
+  new DataView(bytes.buffer).setUint32(l2 + 8 * 8 + 4, ((img.active.hostOffsets.get(8) as number) + 512) >>> 0);
+  const src = await Qcow2Image.open(new MemoryStorage(bytes), { codecs: nodeCodecs });
+  const { dev } = await target(src.size);
+  await assert.rejects(
+    convert([src], dev, { targetZeroed: true }),
+    (e: unknown) => e instanceof QcowError && e.code === "corrupt",
+  );
+});
