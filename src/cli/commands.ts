@@ -12,6 +12,7 @@ import { convert } from "../ops/convert.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
+import { createImage, parseOptionList } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { Progress } from "./progress.js";
 import { type QValue, toQemuJson } from "./qobject.js";
@@ -251,7 +252,42 @@ const compare: Command = {
   },
 };
 
-export const commands: Command[] = [info, map, convertCmd, compare];
+const create: Command = {
+  name: "create",
+  synopsis: "qcowkit create [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]",
+  help: [
+    "Creates a new image. SIZE takes k, M, G, T, P, E suffixes; with -b it defaults to the backing file's size.",
+    "qcow2 options (-o a=b,c=d): compat=0.10|1.1, cluster_size, refcount_bits=1..64, lazy_refcounts=on|off,",
+    "  compression_type=zlib|zstd, extended_l2=on|off, preallocation=off|metadata|falloc|full,",
+    "  backing_file, backing_fmt, data_file, data_file_raw=on|off",
+  ].join("\n"),
+  options: {
+    f: { type: "string", short: "f" },
+    o: { type: "string", short: "o", multiple: true },
+    b: { type: "string", short: "b" },
+    F: { type: "string", short: "F" },
+    u: { type: "boolean", short: "u" },
+    q: { type: "boolean", short: "q" },
+  },
+  async run(v, p) {
+    if (p.length < 1 || p.length > 2) throw new ExitError("Expecting image file name");
+    const fmt = str(v, "f") ?? "raw";
+    if (fmt !== "qcow2" && fmt !== "raw") throw invalidArgument(`Unknown file format '${fmt}'`);
+    await createImage({
+      file: p[0],
+      format: fmt,
+      options: parseOptionList((v.o as string[] | undefined) ?? []),
+      size: p[1] !== undefined ? parseSize(p[1], "image size") : undefined,
+      backing: str(v, "b"),
+      backingFormat: str(v, "F"),
+      unsafe: Boolean(v.u),
+      quiet: Boolean(v.q),
+    });
+    return 0;
+  },
+};
+
+export const commands: Command[] = [create, info, map, convertCmd, compare];
 
 export function usage(): string {
   return [

@@ -1,11 +1,13 @@
 /**
  * A least-recently-used cache of metadata tables (L2 tables, refcount blocks) with a byte
  * budget, so memory stays bounded whatever the image size (QEMU's docs/qcow2-cache.txt).
- * Concurrent loads of the same key share one read.
+ * Concurrent loads of the same key share one read. Entries marked dirty are never evicted:
+ * their owner writes them back (and marks them clean) when `overBudget` says so, or on flush.
  */
 export class TableCache<V extends { byteLength: number }> {
   private readonly entries = new Map<number, V>();
   private readonly loading = new Map<number, Promise<V>>();
+  private readonly dirty = new Set<number>();
   private bytes = 0;
 
   constructor(private readonly budget: number) {}
@@ -23,6 +25,9 @@ export class TableCache<V extends { byteLength: number }> {
       pending = load().then(
         (v) => {
           this.loading.delete(key);
+          // A put() while loading (a freshly made table) wins over what was read.
+          const current = this.entries.get(key);
+          if (current !== undefined) return current;
           this.put(key, v);
           return v;
         },
@@ -48,11 +53,30 @@ export class TableCache<V extends { byteLength: number }> {
     }
     this.entries.set(key, v);
     this.bytes += v.byteLength;
-    for (const [k, e] of this.entries) {
-      if (this.bytes <= this.budget || this.entries.size <= 1) break;
-      this.entries.delete(k);
-      this.bytes -= e.byteLength;
-    }
+    this.evict();
+  }
+
+  markDirty(key: number): void {
+    if (this.entries.has(key)) this.dirty.add(key);
+  }
+
+  markClean(key: number): void {
+    this.dirty.delete(key);
+    this.evict();
+  }
+
+  /** Dirty entries in key order (file offset order, so write-back is sequential). */
+  dirtyEntries(): [number, V][] {
+    return [...this.dirty].sort((a, b) => a - b).map((k) => [k, this.entries.get(k) as V]);
+  }
+
+  get dirtyCount(): number {
+    return this.dirty.size;
+  }
+
+  /** True when dirty entries alone hold more than the budget: time to write them back. */
+  get overBudget(): boolean {
+    return this.bytes > this.budget && this.dirty.size > 0;
   }
 
   delete(key: number): void {
@@ -60,10 +84,22 @@ export class TableCache<V extends { byteLength: number }> {
     if (old === undefined) return;
     this.bytes -= old.byteLength;
     this.entries.delete(key);
+    this.dirty.delete(key);
   }
 
   clear(): void {
     this.entries.clear();
+    this.dirty.clear();
     this.bytes = 0;
+  }
+
+  private evict(): void {
+    if (this.bytes <= this.budget) return;
+    for (const [k, e] of this.entries) {
+      if (this.bytes <= this.budget || this.entries.size <= 1) break;
+      if (this.dirty.has(k)) continue;
+      this.entries.delete(k);
+      this.bytes -= e.byteLength;
+    }
   }
 }

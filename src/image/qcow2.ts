@@ -38,6 +38,7 @@ import type { BlockDevice, Extent } from "./block-device.js";
 import { TableCache } from "./cache.js";
 import type { RawImage } from "./raw.js";
 import { Refcounts } from "./refcount.js";
+import { Qcow2Writer } from "./qcow2-write.js";
 
 /** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -88,10 +89,18 @@ export class Qcow2Image implements BlockDevice {
   readonly bitmaps: BitmapDirectoryEntry[];
   size: number;
 
-  private readonly geometry: L2Geometry;
-  private readonly l2EntryBytes: number;
-  private readonly l1: Float64Array;
-  private readonly l2Cache: TableCache<DataView>;
+  /** @internal Engine state shared with the write path (qcow2-write.ts). */
+  readonly geometry: L2Geometry;
+  /** @internal */
+  readonly l2EntryBytes: number;
+  /** @internal L2 table offsets by L1 index (0: none). */
+  readonly l1: Float64Array;
+  /** @internal The COPIED flag of each L1 entry. */
+  readonly l1Copied: Uint8Array;
+  /** @internal */
+  readonly l2Cache: TableCache<DataView>;
+  /** @internal Set when the image is open for writing. */
+  writer: Qcow2Writer | undefined;
   private readonly codec: Codec | undefined;
   private readonly compressedCache = new TableCache<Uint8Array>(4 * 2 * 1024 * 1024);
   private preallocationChecked: boolean | undefined;
@@ -102,7 +111,7 @@ export class Qcow2Image implements BlockDevice {
     extensions: HeaderExtensions;
     backingName: string | undefined;
     opts: Qcow2OpenOptions;
-    l1: Float64Array;
+    l1: { offsets: Float64Array; copied: Uint8Array };
     size: number;
     snapshots: Snapshot[];
     bitmaps: BitmapDirectoryEntry[];
@@ -129,7 +138,8 @@ export class Qcow2Image implements BlockDevice {
       externalData: (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n,
       version: h.version,
     };
-    this.l1 = init.l1;
+    this.l1 = init.l1.offsets;
+    this.l1Copied = init.l1.copied;
     this.size = init.size;
     this.snapshots = init.snapshots;
     this.bitmaps = init.bitmaps;
@@ -194,7 +204,9 @@ export class Qcow2Image implements BlockDevice {
       if (l1Size * 8 > 32 * 1024 * 1024) throw corrupt(`Snapshot L1 table too large: ${l1Size} entries`);
     }
     const l1 = await readL1(storage, l1Offset, l1Size, clusterSize);
-    return new Qcow2Image({ storage, header: h, extensions, backingName, opts: { ...opts, readOnly }, l1, size: h.size, snapshots, bitmaps });
+    const img = new Qcow2Image({ storage, header: h, extensions, backingName, opts: { ...opts, readOnly }, l1, size: h.size, snapshots, bitmaps });
+    if (!readOnly) img.writer = await Qcow2Writer.attach(img);
+    return img;
   }
 
   get extendedL2(): boolean {
@@ -210,7 +222,8 @@ export class Qcow2Image implements BlockDevice {
     return (this.header.compatibleFeatures & COMPAT_LAZY_REFCOUNTS) !== 0n;
   }
 
-  private async loadL2(l2Offset: number): Promise<DataView> {
+  /** @internal */
+  async loadL2(l2Offset: number): Promise<DataView> {
     return this.l2Cache.get(l2Offset, async () => {
       const buf = new Uint8Array(this.clusterSize);
       await readFull(this.storage, buf, l2Offset);
@@ -227,7 +240,8 @@ export class Qcow2Image implements BlockDevice {
     return this.decodeAt(table, gc % this.l2Entries, l2Offset);
   }
 
-  private decodeAt(table: DataView, i: number, l2Offset: number): L2Entry {
+  /** @internal */
+  decodeAt(table: DataView, i: number, l2Offset: number): L2Entry {
     const at = i * this.l2EntryBytes;
     const ext = this.l2EntryBytes === 16;
     return decodeL2Entry(
@@ -444,27 +458,50 @@ export class Qcow2Image implements BlockDevice {
     yield e;
   }
 
-  async write(_src: Uint8Array, _offset: number): Promise<void> {
-    throw this.notWritable();
+  async write(src: Uint8Array, offset: number): Promise<void> {
+    this.checkRange(offset, src.length);
+    await this.writable().write(src, offset);
   }
-  async writeZeroes(_offset: number, _length: number): Promise<void> {
-    throw this.notWritable();
+
+  async writeZeroes(offset: number, length: number, opts: { unmap?: boolean } = {}): Promise<void> {
+    this.checkRange(offset, length);
+    await this.writable().writeZeroes(offset, length, opts.unmap ?? false);
   }
-  async discard(_offset: number, _length: number): Promise<void> {
-    throw this.notWritable();
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkRange(offset, length);
+    await this.writable().discard(offset, length);
   }
-  private notWritable(): QcowError {
-    return new QcowError("read-only", `${this.storage.name} is open read-only`);
+
+  /** Stores one whole guest cluster compressed (`data` is what the codec produced). */
+  async writeCompressed(guestCluster: number, data: Uint8Array): Promise<void> {
+    this.checkRange(guestCluster * this.clusterSize, Math.min(this.clusterSize, this.size - guestCluster * this.clusterSize));
+    await this.writable().writeCompressed(guestCluster, data);
+  }
+
+  private writable(): Qcow2Writer {
+    if (!this.writer) throw new QcowError("read-only", `${this.filename} is open read-only`);
+    return this.writer;
+  }
+
+  private checkRange(offset: number, length: number): void {
+    if (offset < 0 || length < 0 || offset + length > this.size) {
+      throw new QcowError("invalid-argument", `Request of ${length} bytes at ${offset} is beyond the end of the image (${this.size})`);
+    }
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) await this.storage.flush();
+    if (this.writer) await this.writer.flush();
   }
 
   async close(): Promise<void> {
-    await this.storage.close();
-    await this.dataFile?.close();
-    await this.backing?.close();
+    try {
+      if (this.writer) await this.writer.close();
+    } finally {
+      await this.storage.close();
+      await this.dataFile?.close();
+      await this.backing?.close();
+    }
   }
 }
 
@@ -472,16 +509,24 @@ export function findSnapshot(snapshots: Snapshot[], idOrName: string): Snapshot 
   return snapshots.find((s) => s.id === idOrName) ?? snapshots.find((s) => s.name === idOrName);
 }
 
-async function readL1(storage: Storage, offset: number, entries: number, clusterSize: number): Promise<Float64Array> {
-  const l1 = new Float64Array(entries);
-  if (entries === 0) return l1;
+async function readL1(
+  storage: Storage,
+  offset: number,
+  entries: number,
+  clusterSize: number,
+): Promise<{ offsets: Float64Array; copied: Uint8Array }> {
+  const offsets = new Float64Array(entries);
+  const copied = new Uint8Array(entries);
+  if (entries === 0) return { offsets, copied };
   const buf = new Uint8Array(entries * 8);
   await readFull(storage, buf, offset);
   const dv = view(buf);
   for (let i = 0; i < entries; i++) {
-    l1[i] = decodeL1Entry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), clusterSize, i).l2Offset;
+    const e = decodeL1Entry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), clusterSize, i);
+    offsets[i] = e.l2Offset;
+    copied[i] = e.copied ? 1 : 0;
   }
-  return l1;
+  return { offsets, copied };
 }
 
 async function readSnapshotTable(storage: Storage, h: Qcow2Header): Promise<Snapshot[]> {

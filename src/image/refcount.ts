@@ -1,20 +1,36 @@
 /**
- * Reading host cluster refcounts through the refcount table and refcount blocks
- * (docs/interop/qcow2.rst, "Host cluster management").
+ * Host cluster refcounts (docs/interop/qcow2.rst, "Host cluster management"): reading them,
+ * allocating clusters, and growing the refcount structures.
+ *
+ * Crash safety: increments live in dirty cached refcount blocks that `writeBack` writes (and
+ * the owner flushes) before any L2/L1 entry that needs them; decrements are held back
+ * (`release`) and applied by `applyReleases` only after the entries that dropped the
+ * references are durable. So on disk a refcount is never lower than the references to it: a
+ * crash can leak clusters, never corrupt. New refcount blocks and a grown refcount table are
+ * written and flushed before anything points at them.
  */
+import { corrupt, hex } from "../errors.js";
 import { view } from "../format/bytes.js";
 import type { Qcow2Header } from "../format/header.js";
-import { decodeRefcountTableEntry, getRefcount } from "../format/tables.js";
+import { decodeRefcountTableEntry, getRefcount, maxRefcount, setRefcount } from "../format/tables.js";
 import { type Storage, readFull } from "../io/storage.js";
 import { TableCache } from "./cache.js";
+
+/** Called when the refcount table moves; must write the header durably. */
+export type TableMoved = (offset: number, clusters: number) => Promise<void>;
 
 export class Refcounts {
   readonly clusterSize: number;
   readonly order: number;
   /** Refcount entries per refcount block. */
   readonly blockEntries: number;
-  private readonly table: Float64Array;
+  tableOffset: number;
+  tableClusters: number;
+  private table: Float64Array;
   private readonly blocks: TableCache<DataView>;
+  private readonly releases: number[] = [];
+  /** Every cluster below this index is known to be in use (QEMU's free_cluster_index). */
+  private freeHint = 0;
 
   private constructor(
     private readonly storage: Storage,
@@ -25,6 +41,8 @@ export class Refcounts {
     this.clusterSize = 2 ** h.clusterBits;
     this.order = h.refcountOrder;
     this.blockEntries = (this.clusterSize * 8) / 2 ** h.refcountOrder;
+    this.tableOffset = h.refcountTableOffset;
+    this.tableClusters = h.refcountTableClusters;
     this.table = table;
     this.blocks = new TableCache<DataView>(cacheBytes);
   }
@@ -42,16 +60,179 @@ export class Refcounts {
     return new Refcounts(storage, h, table, cacheBytes);
   }
 
+  private async block(blockOffset: number): Promise<DataView> {
+    return this.blocks.get(blockOffset, async () => {
+      const b = new Uint8Array(this.clusterSize);
+      await readFull(this.storage, b, blockOffset);
+      return view(b);
+    });
+  }
+
   /** The refcount of host cluster `index` (0 where no refcount block covers it). */
   async get(index: number): Promise<number> {
     const t = Math.floor(index / this.blockEntries);
     const blockOffset = t < this.table.length ? this.table[t] : 0;
     if (blockOffset === 0) return 0;
-    const block = await this.blocks.get(blockOffset, async () => {
-      const b = new Uint8Array(this.clusterSize);
-      await readFull(this.storage, b, blockOffset);
-      return view(b);
-    });
-    return getRefcount(block, index % this.blockEntries, this.order);
+    return getRefcount(await this.block(blockOffset), index % this.blockEntries, this.order);
+  }
+
+  /** Adds `delta` to the refcount of cluster `index`; the block must exist for increments. */
+  async update(index: number, delta: number, onTableMoved: TableMoved): Promise<number> {
+    const t = Math.floor(index / this.blockEntries);
+    if (t >= this.table.length || this.table[t] === 0) {
+      if (delta < 0) throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would drop below zero (no refcount block)`);
+      await this.coverClusters(index, 1, onTableMoved);
+    }
+    const blockOffset = this.table[t];
+    const block = await this.block(blockOffset);
+    const i = index % this.blockEntries;
+    const value = getRefcount(block, i, this.order) + delta;
+    if (value < 0) throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would drop below zero`);
+    if (value > maxRefcount(this.order)) {
+      throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would exceed ${maxRefcount(this.order)}`);
+    }
+    setRefcount(block, i, this.order, value);
+    this.blocks.markDirty(blockOffset);
+    if (value === 0 && index < this.freeHint) this.freeHint = index;
+    return value;
+  }
+
+  /**
+   * Allocates `n` contiguous free clusters and gives each refcount 1. Returns the host offset.
+   * Clusters past the end of the refcount structures are free; structures grow to cover them.
+   */
+  async allocate(n: number, onTableMoved: TableMoved): Promise<number> {
+    let start = this.freeHint;
+    for (;;) {
+      let run = 0;
+      while (run < n && (await this.get(start + run)) === 0) run++;
+      if (run === n) break;
+      start += run + 1;
+    }
+    await this.coverClusters(start, n, onTableMoved);
+    // Covering may have placed new refcount blocks inside the range: look again if so.
+    for (let i = 0; i < n; i++) {
+      if ((await this.get(start + i)) !== 0) return this.allocate(n, onTableMoved);
+    }
+    for (let i = 0; i < n; i++) await this.update(start + i, 1, onTableMoved);
+    if (start === this.freeHint) this.freeHint = start + n;
+    return start * this.clusterSize;
+  }
+
+  /** Holds back a decrement until the references that dropped it are durable. */
+  release(index: number): void {
+    this.releases.push(index);
+  }
+
+  get pendingReleases(): number {
+    return this.releases.length;
+  }
+
+  async applyReleases(onTableMoved: TableMoved): Promise<void> {
+    const list = this.releases.splice(0);
+    for (const index of list) await this.update(index, -1, onTableMoved);
+  }
+
+  get dirty(): boolean {
+    return this.blocks.dirtyCount > 0;
+  }
+
+  get overBudget(): boolean {
+    return this.blocks.overBudget;
+  }
+
+  /** Writes the dirty refcount blocks (the caller flushes). */
+  async writeBack(): Promise<void> {
+    for (const [offset, block] of this.blocks.dirtyEntries()) {
+      await this.storage.write(new Uint8Array(block.buffer, block.byteOffset, block.byteLength), offset);
+      this.blocks.markClean(offset);
+    }
+  }
+
+  /** Host clusters the refcount structures themselves use (for the file end and for checks). */
+  structureEnd(): number {
+    let end = this.tableOffset + this.tableClusters * this.clusterSize;
+    for (const b of this.table) if (b + this.clusterSize > end) end = b + this.clusterSize;
+    return end;
+  }
+
+  /**
+   * Makes sure refcount blocks cover clusters [first, first+n). A missing block is placed in
+   * the first cluster of the range it covers (all free, as nothing there is counted yet) and
+   * counts itself. When the table is too short, a larger one is built past the end of
+   * everything, with blocks covering it, and the header is switched to it.
+   */
+  private async coverClusters(first: number, n: number, onTableMoved: TableMoved): Promise<void> {
+    const lastBlock = Math.floor((first + n - 1) / this.blockEntries);
+    if (lastBlock >= this.table.length) await this.growTable(lastBlock + 1, onTableMoved);
+    for (let t = Math.floor(first / this.blockEntries); t <= lastBlock; t++) {
+      if (this.table[t] !== 0) continue;
+      const blockIndex = t * this.blockEntries;
+      const offset = blockIndex * this.clusterSize;
+      const block = view(new Uint8Array(this.clusterSize));
+      setRefcount(block, 0, this.order, 1);
+      await this.storage.write(new Uint8Array(block.buffer), offset);
+      await this.storage.flush();
+      await this.writeTableEntry(t, offset);
+      await this.storage.flush();
+      this.blocks.put(offset, block);
+    }
+  }
+
+  private async writeTableEntry(t: number, offset: number): Promise<void> {
+    this.table[t] = offset;
+    const e = new Uint8Array(8);
+    view(e).setUint32(0, Math.floor(offset / 0x1_0000_0000));
+    view(e).setUint32(4, offset >>> 0);
+    await this.storage.write(e, this.tableOffset + t * 8);
+  }
+
+  private async growTable(minEntries: number, onTableMoved: TableMoved): Promise<void> {
+    const be = this.blockEntries;
+    const cs = this.clusterSize;
+    // Start the new area on a refcount block boundary past every cluster in use or about to be.
+    const fileEnd = Math.max(await this.storage.size(), this.structureEnd(), minEntries * be * cs > 2 ** 53 ? 0 : 0);
+    const usedEnd = Math.max(Math.ceil(fileEnd / cs), (minEntries - 1) * be + 1);
+    const areaStart = Math.ceil(usedEnd / be) * be;
+    let blocks = 1;
+    let entries = 0;
+    let clusters = 0;
+    for (;;) {
+      entries = Math.max(minEntries, Math.floor(areaStart / be) + blocks, Math.ceil(this.table.length * 1.5));
+      clusters = Math.ceil((entries * 8) / cs);
+      const needBlocks = Math.ceil((blocks + clusters) / be);
+      if (needBlocks <= blocks) break;
+      blocks = needBlocks;
+    }
+    entries = (clusters * cs) / 8;
+    const table = new Float64Array(entries);
+    table.set(this.table);
+    // New blocks at [areaStart, areaStart+blocks), the table right after them.
+    const tableOffset = (areaStart + blocks) * cs;
+    for (let b = 0; b < blocks; b++) {
+      const block = view(new Uint8Array(cs));
+      for (let c = 0; c < be; c++) {
+        const index = (Math.floor(areaStart / be) + b) * be + c;
+        if (index < areaStart + blocks + clusters) setRefcount(block, c, this.order, 1);
+      }
+      const offset = (areaStart + b) * cs;
+      await this.storage.write(new Uint8Array(block.buffer), offset);
+      table[Math.floor(areaStart / be) + b] = offset;
+    }
+    const bytes = new Uint8Array(clusters * cs);
+    const dv = view(bytes);
+    for (let i = 0; i < entries; i++) {
+      dv.setUint32(i * 8, Math.floor(table[i] / 0x1_0000_0000));
+      dv.setUint32(i * 8 + 4, table[i] >>> 0);
+    }
+    await this.storage.write(bytes, tableOffset);
+    await this.storage.flush();
+    const oldOffset = this.tableOffset;
+    const oldClusters = this.tableClusters;
+    this.table = table;
+    this.tableOffset = tableOffset;
+    this.tableClusters = clusters;
+    await onTableMoved(tableOffset, clusters);
+    for (let i = 0; i < oldClusters; i++) this.release(oldOffset / cs + i);
   }
 }

@@ -113,3 +113,10 @@ async function allocatedSize(img: Image): Promise<number | undefined> {
   const s = img.storage;
   return s.allocatedSize ? s.allocatedSize() : undefined;
 }
+
+/** The image and every backing file below it, top first (for an image opened with its chain). */
+export function backingChain(img: Image): Image[] {
+  const chain: Image[] = [];
+  for (let cur: Image | undefined = img; cur; cur = cur.format === "qcow2" ? cur.backing : undefined) chain.push(cur);
+  return chain;
+}

@@ -1,0 +1,575 @@
+/**
+ * The qcow2 write path: cluster allocation, copy-on-write, zero clusters, discard, compressed
+ * clusters, and the write-back of metadata in crash-safe order.
+ *
+ * Ordering (what makes a crash leak at worst, never corrupt):
+ *  - guest data is written before the L2 entry that points at it reaches the disk;
+ *  - refcount increments reach the disk (flushed) before L2 tables, and L2 tables before the
+ *    L1 entries that point at them;
+ *  - decrements are applied only after the entries that dropped the references are on disk,
+ *    and freed clusters are not reused before that.
+ * Metadata changes are made in memory under one lock and written back by `flushMetadata`.
+ * Requests that change the mapping of a guest cluster hold a lock on it (allocation
+ * dependencies); overwrites of clusters this image owns go straight to their host cluster.
+ */
+import { QcowError, corrupt, unsupported } from "../errors.js";
+import { view } from "../format/bytes.js";
+import {
+  AUTOCLEAR_KNOWN,
+  INCOMPAT_DIRTY,
+  encodeHeader,
+} from "../format/header.js";
+import {
+  ClusterType,
+  type L2Entry,
+  encodeCompressed,
+  encodeL1Entry,
+  encodeStandardL2,
+} from "../format/tables.js";
+import { Mutex, RangeLocks } from "./lock.js";
+import type { Qcow2Image } from "./qcow2.js";
+import { Refcounts } from "./refcount.js";
+
+/** Most guest clusters one allocating request handles at once (bounds its buffer). */
+const MAX_ALLOC_GROUP = 256;
+
+export class Qcow2Writer {
+  private readonly meta = new Mutex();
+  private readonly locks = new RangeLocks();
+  private readonly l1Dirty = new Set<number>();
+  private readonly cs: number;
+  /** Next free byte for compressed data (0: start a new cluster). */
+  private compressedEnd = 0;
+  /** In-place data writes in flight: released clusters are not freed while any run. */
+  private inflight = 0;
+  private closed = false;
+
+  private constructor(
+    private readonly img: Qcow2Image,
+    readonly refcounts: Refcounts,
+  ) {
+    this.cs = img.clusterSize;
+  }
+
+  /** Prepares an image opened read-write: clears unknown autoclear bits, loads refcounts. */
+  static async attach(img: Qcow2Image): Promise<Qcow2Writer> {
+    const h = img.header;
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      throw unsupported(
+        `${img.filename} has the dirty bit set (lazy refcounts not written back); its refcounts must be repaired before it can be written`,
+      );
+    }
+    if (img.bitmaps.length > 0) {
+      throw unsupported(`${img.filename} has persistent bitmaps; writing such images is not supported yet`);
+    }
+    const w = new Qcow2Writer(img, await Refcounts.open(img.storage, h));
+    if (h.autoclearFeatures & ~AUTOCLEAR_KNOWN) {
+      h.autoclearFeatures &= AUTOCLEAR_KNOWN;
+      await w.writeHeader();
+    }
+    return w;
+  }
+
+  /** Rewrites the first cluster from the header fields (extensions kept) and flushes. */
+  async writeHeader(): Promise<void> {
+    const img = this.img;
+    await img.storage.write(encodeHeader(img.header, img.extensions, img.backingName), 0);
+    await img.storage.flush();
+  }
+
+  private readonly tableMoved = async (offset: number, clusters: number): Promise<void> => {
+    this.img.header.refcountTableOffset = offset;
+    this.img.header.refcountTableClusters = clusters;
+    await this.writeHeader();
+  };
+
+  private get dataStorage() {
+    return this.img.dataFile ?? this.img.storage;
+  }
+
+  // ---- mapping helpers -------------------------------------------------------------------
+
+  /** The entry of guest cluster `gc` (undefined: no L2 table). */
+  private async entry(gc: number): Promise<L2Entry | undefined> {
+    return this.img.l2Entry(gc);
+  }
+
+  /** A cluster this image owns outright: overwriting it in place changes no metadata. */
+  private ownsData(e: L2Entry | undefined, gc: number, from: number, to: number): boolean {
+    if (!e || e.type !== ClusterType.Normal || !e.copied) return false;
+    if (!this.img.extendedL2) return true;
+    const sc = this.img.subclusterSize;
+    const base = gc * this.cs;
+    const s0 = Math.floor((from - base) / sc);
+    const s1 = Math.floor((to - 1 - base) / sc);
+    const mask = s1 - s0 === 31 ? 0xffff_ffff : ((2 ** (s1 - s0 + 1) - 1) * 2 ** s0) >>> 0;
+    return ((e.allocMask & mask) >>> 0) === mask;
+  }
+
+  /**
+   * Makes sure the L2 table for `l1Index` exists and belongs to this image alone (copying a
+   * table shared with a snapshot). Returns its offset. Runs under the metadata lock.
+   */
+  private async ownL2(l1Index: number): Promise<number> {
+    const img = this.img;
+    if (l1Index >= img.l1.length) throw corrupt(`Guest offset beyond the L1 table (index ${l1Index})`);
+    const old = img.l1[l1Index];
+    if (old !== 0 && img.l1Copied[l1Index]) return old;
+    const offset = await this.refcounts.allocate(1, this.tableMoved);
+    const table = new Uint8Array(this.cs);
+    if (old !== 0) {
+      const src = await img.loadL2(old);
+      table.set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength));
+      this.refcounts.release(old / this.cs);
+    }
+    img.l2Cache.put(offset, view(table));
+    img.l2Cache.markDirty(offset);
+    img.l1[l1Index] = offset;
+    img.l1Copied[l1Index] = 1;
+    this.l1Dirty.add(l1Index);
+    return offset;
+  }
+
+  /** Writes the first 64 bits (and the bitmap, for extended L2) of an L2 entry in memory. */
+  private async setEntry(gc: number, hi: number, lo: number, alloc = 0, zero = 0): Promise<void> {
+    const img = this.img;
+    const l1Index = Math.floor(gc / img.l2Entries);
+    const l2Offset = await this.ownL2(l1Index);
+    const table = await img.loadL2(l2Offset);
+    const at = (gc % img.l2Entries) * img.l2EntryBytes;
+    table.setUint32(at, hi);
+    table.setUint32(at + 4, lo);
+    if (img.extendedL2) {
+      table.setUint32(at + 8, zero >>> 0);
+      table.setUint32(at + 12, alloc >>> 0);
+    }
+    img.l2Cache.markDirty(l2Offset);
+  }
+
+  /** Drops this entry's reference to its host cluster(s); the decrement waits for write-back. */
+  private releaseEntry(e: L2Entry | undefined): void {
+    if (!e || this.img.dataFile) return;
+    if (e.type === ClusterType.Compressed) {
+      const first = Math.floor(e.hostOffset / 512) * 512;
+      const last = first + Math.ceil(((e.hostOffset % 512) + e.compressedSize) / 512) * 512 - 1;
+      for (let c = Math.floor(first / this.cs); c <= Math.floor(last / this.cs); c++) this.refcounts.release(c);
+    } else if (e.hostOffset !== 0 && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc)) {
+      this.refcounts.release(e.hostOffset / this.cs);
+    }
+  }
+
+  /** Host space for `n` new data clusters starting at guest cluster `gc`. */
+  private async allocateData(gc: number, n: number): Promise<number> {
+    // An external data file maps guest offsets 1:1 and is not refcounted.
+    if (this.img.dataFile) return gc * this.cs;
+    return this.refcounts.allocate(n, this.tableMoved);
+  }
+
+  // ---- write -----------------------------------------------------------------------------
+
+  async write(src: Uint8Array, offset: number): Promise<void> {
+    this.checkOpen();
+    const cs = this.cs;
+    const end = offset + src.length;
+    const jobs: Promise<void>[] = [];
+    let pos = offset;
+    while (pos < end) {
+      const gc = Math.floor(pos / cs);
+      const e = await this.entry(gc);
+      let runEnd = Math.min(end, (gc + 1) * cs);
+      if (this.ownsData(e, gc, pos, runEnd)) {
+        const host = (e as L2Entry).hostOffset + (pos - gc * cs);
+        // Extend over following clusters that are owned and contiguous on the host.
+        while (runEnd < end) {
+          const ngc = runEnd / cs;
+          const ne = await this.entry(ngc);
+          const nEnd = Math.min(end, runEnd + cs);
+          if (!this.ownsData(ne, ngc, runEnd, nEnd) || (ne as L2Entry).hostOffset !== host + (runEnd - pos)) break;
+          runEnd = nEnd;
+        }
+        jobs.push(this.writeInPlace(src.subarray(pos - offset, runEnd - offset), host));
+      } else {
+        let count = 1;
+        const tableEnd = (Math.floor(gc / this.img.l2Entries) + 1) * this.img.l2Entries * cs;
+        while (runEnd < end && runEnd < tableEnd && count < MAX_ALLOC_GROUP) {
+          const ngc = runEnd / cs;
+          const nEnd = Math.min(end, runEnd + cs);
+          if (this.ownsData(await this.entry(ngc), ngc, runEnd, nEnd)) break;
+          runEnd = nEnd;
+          count++;
+        }
+        jobs.push(this.allocatingWrite(src.subarray(pos - offset, runEnd - offset), pos));
+      }
+      pos = runEnd;
+    }
+    await Promise.all(jobs);
+    await this.maybeWriteBack();
+  }
+
+  private async writeInPlace(data: Uint8Array, host: number): Promise<void> {
+    this.inflight++;
+    try {
+      await this.dataStorage.write(data, host);
+    } finally {
+      this.inflight--;
+    }
+  }
+
+  /**
+   * Writes `data` at guest `offset` into clusters that need new host space or a change of
+   * their L2 entry: copy-on-write of the parts of each cluster the request does not cover.
+   */
+  private async allocatingWrite(data: Uint8Array, offset: number): Promise<void> {
+    const img = this.img;
+    const cs = this.cs;
+    const end = offset + data.length;
+    const c0 = Math.floor(offset / cs);
+    const c1 = Math.ceil(end / cs);
+    await this.locks.run(c0, c1, async () => {
+      const entries: (L2Entry | undefined)[] = [];
+      for (let gc = c0; gc < c1; gc++) entries.push(await this.entry(gc));
+      // Clusters that already have a host cluster of their own keep it.
+      const keep = entries.map((e) => e !== undefined && e.copied && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc));
+      const fresh = keep.filter((k) => !k).length;
+      const hosts: number[] = [];
+      await this.meta.run(async () => {
+        const base = fresh > 0 ? await this.allocateDataRun(c0, keep) : [];
+        let next = 0;
+        for (let i = 0; i < keep.length; i++) hosts.push(keep[i] ? (entries[i] as L2Entry).hostOffset : base[next++]);
+      });
+      // Build each cluster's new contents and write runs that are contiguous on the host.
+      const sc = img.subclusterSize;
+      const pieces: { gc: number; from: number; to: number; host: number }[] = [];
+      for (let i = 0; i < keep.length; i++) {
+        const gc = c0 + i;
+        const cStart = gc * cs;
+        const cEnd = Math.min(cStart + cs, img.size);
+        const wFrom = Math.max(offset, cStart);
+        const wTo = Math.min(end, cEnd);
+        let from = cStart;
+        let to = cEnd;
+        const e = entries[i];
+        if (img.extendedL2 && (!e || e.type === ClusterType.Unallocated || (keep[i] && e.type === ClusterType.Normal))) {
+          // Subclusters: only the touched ones are written (and allocated).
+          from = cStart + Math.floor((wFrom - cStart) / sc) * sc;
+          to = Math.min(cEnd, cStart + Math.ceil((wTo - cStart) / sc) * sc);
+        }
+        pieces.push({ gc, from, to, host: hosts[i] + (from - cStart) });
+      }
+      const writes: Promise<void>[] = [];
+      for (let i = 0; i < pieces.length; ) {
+        let j = i + 1;
+        while (
+          j < pieces.length &&
+          pieces[j].from === pieces[j - 1].to &&
+          pieces[j].host === pieces[j - 1].host + (pieces[j - 1].to - pieces[j - 1].from)
+        ) {
+          j++;
+        }
+        const from = pieces[i].from;
+        const to = pieces[j - 1].to;
+        const buf = new Uint8Array(to - from);
+        // Copy-on-write: what the guest sees now around the written part.
+        if (from < offset) await img.read(buf.subarray(0, offset - from), from);
+        if (end < to) await img.read(buf.subarray(end - from), end);
+        buf.set(data.subarray(Math.max(0, from - offset), Math.min(data.length, to - offset)), Math.max(0, offset - from));
+        writes.push(this.dataStorage.write(buf, pieces[i].host));
+        i = j;
+      }
+      await Promise.all(writes);
+      await this.meta.run(async () => {
+        for (let i = 0; i < pieces.length; i++) {
+          const p = pieces[i];
+          const e = entries[i];
+          const host = hosts[i];
+          let alloc = 0;
+          let zero = 0;
+          if (img.extendedL2) {
+            const cStart = p.gc * cs;
+            const s0 = Math.floor((p.from - cStart) / sc);
+            const s1 = Math.ceil((p.to - cStart) / sc);
+            const touched = s1 - s0 === 32 ? 0xffff_ffff : ((2 ** (s1 - s0) - 1) * 2 ** s0) >>> 0;
+            const keepBits = e && (e.type === ClusterType.Unallocated || (keep[i] && e.type === ClusterType.Normal));
+            alloc = keepBits ? ((e.allocMask | touched) >>> 0) : touched;
+            zero = keepBits ? ((e.zeroMask & ~touched) >>> 0) : 0;
+          }
+          const [hi, lo] = encodeStandardL2(host, true, false);
+          await this.setEntry(p.gc, hi, lo, alloc, zero);
+          if (!keep[i]) this.releaseEntry(e);
+        }
+      });
+    });
+  }
+
+  /** New host clusters for the entries not kept, contiguous where possible. */
+  private async allocateDataRun(c0: number, keep: boolean[]): Promise<number[]> {
+    const out: number[] = [];
+    if (this.img.dataFile) {
+      for (let i = 0; i < keep.length; i++) if (!keep[i]) out.push((c0 + i) * this.cs);
+      return out;
+    }
+    const n = keep.filter((k) => !k).length;
+    const base = await this.allocateData(c0, n);
+    for (let i = 0; i < n; i++) out.push(base + i * this.cs);
+    return out;
+  }
+
+  // ---- zeroes and discard ----------------------------------------------------------------
+
+  async writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
+    this.checkOpen();
+    const img = this.img;
+    const canFlag = img.header.version >= 3;
+    const unit = img.extendedL2 ? img.subclusterSize : this.cs;
+    const end = offset + length;
+    const alignedStart = Math.min(end, Math.ceil(offset / unit) * unit);
+    const alignedEnd = end === img.size ? end : Math.max(alignedStart, Math.floor(end / unit) * unit);
+    const partial = async (from: number, to: number): Promise<void> => {
+      if (to > from) await this.write(new Uint8Array(to - from), from);
+    };
+    await partial(offset, alignedStart);
+    if (alignedEnd > alignedStart) {
+      let rest: [number, number][] = [];
+      if (canFlag) rest = await this.zeroUnits(alignedStart, alignedEnd, unmap, true);
+      else if (!img.backing) rest = await this.zeroUnits(alignedStart, alignedEnd, true, false);
+      else rest = [[alignedStart, alignedEnd]];
+      for (const [from, to] of rest) await this.writeRealZeroes(from, to);
+    }
+    await partial(alignedEnd, end);
+    if (img.dataFile && img.header.autoclearFeatures & 2n) await this.writeRealZeroesToDataFile(offset, end);
+    await this.maybeWriteBack();
+  }
+
+  async discard(offset: number, length: number): Promise<void> {
+    this.checkOpen();
+    const img = this.img;
+    const unit = img.extendedL2 ? img.subclusterSize : this.cs;
+    const end = offset + length;
+    const from = Math.ceil(offset / unit) * unit;
+    const to = end === img.size ? end : Math.floor(end / unit) * unit;
+    if (to <= from) return;
+    // With a backing file a discarded range must not show the backing data again: zero it.
+    // (QEMU does the same; on v2 there is no zero flag and the backing data shows again.)
+    const zero = img.backing !== undefined && img.header.version >= 3;
+    await this.zeroUnits(from, to, true, zero);
+    await this.maybeWriteBack();
+  }
+
+  private async writeRealZeroes(from: number, to: number): Promise<void> {
+    const chunk = new Uint8Array(Math.min(to - from, 1024 * 1024));
+    for (let pos = from; pos < to; pos += chunk.length) await this.write(chunk.subarray(0, Math.min(chunk.length, to - pos)), pos);
+  }
+
+  private async writeRealZeroesToDataFile(from: number, to: number): Promise<void> {
+    const chunk = new Uint8Array(Math.min(to - from, 1024 * 1024));
+    for (let pos = from; pos < to; pos += chunk.length) {
+      await this.dataStorage.write(chunk.subarray(0, Math.min(chunk.length, to - pos)), pos);
+    }
+  }
+
+  /**
+   * Sets whole clusters (subclusters with extended L2) in [from, to) to read as zeros
+   * (`zeroFlag`) or to be unallocated. `unmap` gives up their host clusters; otherwise an owned
+   * host cluster stays preallocated behind the zero flag. Returns the ranges that cannot take
+   * a flag (parts of compressed clusters) and need real zeros written.
+   */
+  private async zeroUnits(from: number, to: number, unmap: boolean, zeroFlag: boolean): Promise<[number, number][]> {
+    const img = this.img;
+    const cs = this.cs;
+    const c0 = Math.floor(from / cs);
+    const c1 = Math.ceil(to / cs);
+    const rest: [number, number][] = [];
+    await this.locks.run(c0, c1, () =>
+      this.meta.run(async () => {
+        for (let gc = c0; gc < c1; gc++) {
+          const e = await this.entry(gc);
+          // Nothing to do where the guest already reads zeros with no backing file behind.
+          if (!e && !img.backing) continue;
+          const cStart = gc * cs;
+          const cEnd = Math.min(cStart + cs, img.size);
+          const whole = from <= cStart && cEnd <= to;
+          if (img.extendedL2 && !whole) {
+            const sc = img.subclusterSize;
+            const s0 = Math.floor((Math.max(from, cStart) - cStart) / sc);
+            const s1 = Math.ceil((Math.min(to, cEnd) - cStart) / sc);
+            const bits = ((2 ** (s1 - s0) - 1) * 2 ** s0) >>> 0;
+            const alloc = e ? (e.allocMask & ~bits) >>> 0 : 0;
+            const zero = zeroFlag ? ((e ? e.zeroMask : 0) | bits) >>> 0 : e ? (e.zeroMask & ~bits) >>> 0 : 0;
+            if (e?.type === ClusterType.Compressed) {
+              // A compressed cluster has no subclusters: write real zeros instead.
+              rest.push([Math.max(from, cStart), Math.min(to, cEnd)]);
+              continue;
+            }
+            const host = e && e.type !== ClusterType.Unallocated ? e.hostOffset : 0;
+            const [hi, lo] = host ? encodeStandardL2(host, e?.copied ?? false, false) : [0, 0];
+            await this.setEntry(gc, hi, lo, alloc, zero);
+            continue;
+          }
+          const owned = e !== undefined && e.copied && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc);
+          const keepHost = !unmap && owned && zeroFlag;
+          if (img.extendedL2) {
+            const host = keepHost ? (e as L2Entry).hostOffset : 0;
+            const [hi, lo] = host ? encodeStandardL2(host, true, false) : [0, 0];
+            await this.setEntry(gc, hi, lo, 0, zeroFlag ? 0xffff_ffff : 0);
+          } else if (keepHost) {
+            const [hi, lo] = encodeStandardL2((e as L2Entry).hostOffset, true, true);
+            await this.setEntry(gc, hi, lo);
+          } else {
+            await this.setEntry(gc, 0, zeroFlag ? 1 : 0);
+          }
+          if (!keepHost) this.releaseEntry(e);
+        }
+      }),
+    );
+    return rest;
+  }
+
+  // ---- compressed clusters ---------------------------------------------------------------
+
+  async writeCompressed(gc: number, data: Uint8Array): Promise<void> {
+    this.checkOpen();
+    if (this.img.dataFile) throw unsupported("Compressed clusters are not supported with an external data file");
+    await this.locks.run(gc, gc + 1, async () => {
+      const old = await this.entry(gc);
+      const at = await this.meta.run(() => this.allocateBytes(data.length));
+      await this.img.storage.write(data, at);
+      await this.meta.run(async () => {
+        const [hi, lo] = encodeCompressed(at, data.length, this.img.clusterBits);
+        await this.setEntry(gc, hi, lo, 0, 0);
+        this.releaseEntry(old);
+      });
+    });
+    await this.maybeWriteBack();
+  }
+
+  /**
+   * Packs compressed data back to back, as QEMU's qcow2_alloc_bytes does: each compressed
+   * cluster holds one reference on every host cluster its bytes touch.
+   */
+  private async allocateBytes(size: number): Promise<number> {
+    const cs = this.cs;
+    let start = this.compressedEnd;
+    const room = start % cs === 0 ? 0 : cs - (start % cs);
+    if (room >= size) {
+      await this.refcounts.update(Math.floor(start / cs), 1, this.tableMoved);
+    } else {
+      const need = Math.ceil((size - room) / cs);
+      const fresh = await this.refcounts.allocate(need, this.tableMoved);
+      if (room > 0 && fresh === start + room) {
+        await this.refcounts.update(Math.floor(start / cs), 1, this.tableMoved);
+      } else {
+        start = fresh;
+      }
+    }
+    this.compressedEnd = start + size;
+    return start;
+  }
+
+  // ---- preallocation ---------------------------------------------------------------------
+
+  /**
+   * Gives every guest cluster a host cluster (QEMU's preallocation=metadata): L2 tables and
+   * data clusters, table by table, each table's clusters contiguous. With extended L2 the
+   * subclusters stay unallocated (a backing file still shows through). `fill` also writes
+   * zeros over the data clusters so the file really holds them (falloc, full).
+   */
+  async preallocate(fill: boolean): Promise<void> {
+    this.checkOpen();
+    const img = this.img;
+    const cs = this.cs;
+    const clusters = Math.ceil(img.size / cs);
+    for (let l1Index = 0; l1Index * img.l2Entries < clusters; l1Index++) {
+      const first = l1Index * img.l2Entries;
+      const n = Math.min(img.l2Entries, clusters - first);
+      const host = await this.meta.run(async () => {
+        await this.ownL2(l1Index);
+        const base = await this.allocateData(first, n);
+        for (let i = 0; i < n; i++) {
+          const e = await this.entry(first + i);
+          if (e && e.type !== ClusterType.Unallocated) throw corrupt("Preallocation needs an image with no data");
+          const [hi, lo] = encodeStandardL2(base + i * cs, true, false);
+          await this.setEntry(first + i, hi, lo, 0, 0);
+        }
+        return base;
+      });
+      if (fill) {
+        const zeros = new Uint8Array(Math.min(n * cs, 4 * 1024 * 1024));
+        for (let at = 0; at < n * cs; at += zeros.length) {
+          await this.dataStorage.write(zeros.subarray(0, Math.min(zeros.length, n * cs - at)), host + at);
+        }
+      } else if ((await this.dataStorage.size()) < host + n * cs) {
+        // The clusters must exist in the file (as holes) for the image to be consistent.
+        await this.dataStorage.truncate(host + n * cs);
+      }
+      await this.maybeWriteBack();
+    }
+  }
+
+  // ---- write-back ------------------------------------------------------------------------
+
+  private async maybeWriteBack(): Promise<void> {
+    if (this.img.l2Cache.overBudget || this.refcounts.overBudget) await this.meta.run(() => this.flushMetadata());
+  }
+
+  /** Writes dirty metadata in crash-safe order (see the top of this file). */
+  private async flushMetadata(): Promise<void> {
+    const img = this.img;
+    const s = img.storage;
+    const l2Dirty = img.l2Cache.dirtyEntries();
+    if (!this.refcounts.dirty && l2Dirty.length === 0 && this.l1Dirty.size === 0 && this.refcounts.pendingReleases === 0) return;
+    // Data (and the data file) first, with the refcount increments that cover new clusters.
+    await img.dataFile?.flush();
+    await this.refcounts.writeBack();
+    await s.flush();
+    for (const [offset, table] of l2Dirty) {
+      await s.write(new Uint8Array(table.buffer, table.byteOffset, table.byteLength), offset);
+      img.l2Cache.markClean(offset);
+    }
+    if (this.l1Dirty.size > 0) {
+      await s.flush();
+      await this.writeL1Entries();
+    }
+    await s.flush();
+    if (this.refcounts.pendingReleases > 0 && this.inflight === 0) {
+      await this.refcounts.applyReleases(this.tableMoved);
+      await this.refcounts.writeBack();
+      await s.flush();
+    }
+  }
+
+  private async writeL1Entries(): Promise<void> {
+    const img = this.img;
+    const indexes = [...this.l1Dirty].sort((a, b) => a - b);
+    this.l1Dirty.clear();
+    for (let i = 0; i < indexes.length; ) {
+      let j = i + 1;
+      while (j < indexes.length && indexes[j] === indexes[j - 1] + 1) j++;
+      const buf = new Uint8Array((j - i) * 8);
+      const dv = view(buf);
+      for (let k = i; k < j; k++) {
+        const [hi, lo] = encodeL1Entry({ l2Offset: img.l1[indexes[k]], copied: img.l1Copied[indexes[k]] === 1 });
+        dv.setUint32((k - i) * 8, hi);
+        dv.setUint32((k - i) * 8 + 4, lo);
+      }
+      await img.storage.write(buf, img.header.l1TableOffset + indexes[i] * 8);
+      i = j;
+    }
+  }
+
+  async flush(): Promise<void> {
+    this.checkOpen();
+    await this.meta.run(() => this.flushMetadata());
+    await this.img.dataFile?.flush();
+    await this.img.storage.flush();
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.flush();
+    this.closed = true;
+  }
+
+  private checkOpen(): void {
+    if (this.closed) throw new QcowError("invalid-argument", `${this.img.filename} is closed`);
+  }
+}
