@@ -18,7 +18,7 @@ export class Progress {
     if (this.last >= 0 && percent - this.last < 1 && percent < 100) return;
     if (percent === this.last) return;
     this.last = percent;
-    this.out.write(`    (${percent.toFixed(2)}/100%)\r`);
+    this.out.write(`    (${printf2(percent)}/100%)\r`);
   }
 
   end(): void {
@@ -26,4 +26,15 @@ export class Progress {
     this.print(100);
     this.out.write("\n");
   }
+}
+
+/** printf("%.2f"): like toFixed(2), but an exact half goes to the even digit as C rounds it. */
+export function printf2(v: number): string {
+  const scaled = v * 100;
+  const floor = Math.floor(scaled);
+  if (scaled - floor === 0.5 && (v * 1000) % 10 === 5) {
+    const n = floor % 2 === 0 ? floor : floor + 1;
+    return (n / 100).toFixed(2);
+  }
+  return v.toFixed(2);
 }

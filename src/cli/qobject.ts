@@ -48,7 +48,22 @@ export function toQemuJson(v: QValue, depth = 0): string {
     if (keys.length === 0) return `{\n${close}}`;
     return `{\n${keys.map((k) => `${pad}${JSON.stringify(k)}: ${toQemuJson(v[k] as QValue, depth + 1)}`).join(",\n")}\n${close}}`;
   }
-  return JSON.stringify(v);
+  return typeof v === "string" ? quoteString(v) : JSON.stringify(v);
+}
+
+const SHORT_ESCAPES: Record<string, string> = { '"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+
+/** QEMU's JSON string quoting: short escapes, everything outside printable ASCII as \\uXXXX. */
+function quoteString(s: string): string {
+  let out = '"';
+  for (const ch of s) {
+    const cp = ch.codePointAt(0) as number;
+    if (SHORT_ESCAPES[ch] !== undefined) out += SHORT_ESCAPES[ch];
+    else if (cp < 0x20 || cp >= 0x7f) {
+      for (let i = 0; i < ch.length; i++) out += `\\u${ch.charCodeAt(i).toString(16).toUpperCase().padStart(4, "0")}`;
+    } else out += ch;
+  }
+  return `${out}"`;
 }
 
 /** QEMU's human dump of a QDict (block/qapi.c dump_qdict): keys with spaces, nested indents. */

@@ -200,12 +200,17 @@ function checkTable(what: string, offset: number, bytes: number, clusterSize: nu
 
 /** Names the set bits of `mask` in one feature bitmap, from the image's own feature-name table. */
 export function nameFeatures(mask: bigint, type: FeatureType, table: FeatureName[]): string {
+  // As QEMU's report_unsupported_feature: named bits in table order, then the rest as a mask.
   const names: string[] = [];
-  for (let bit = 0; bit < 64; bit++) {
-    if (!(mask & (1n << BigInt(bit)))) continue;
-    const entry = table.find((f) => f.type === type && f.bit === bit);
-    names.push(entry ? entry.name : `Unknown ${type} feature bit ${bit}`);
+  let rest = mask;
+  for (const f of table) {
+    const bit = 1n << BigInt(f.bit);
+    if (f.type === type && rest & bit) {
+      names.push(f.name);
+      rest &= ~bit;
+    }
   }
+  if (rest !== 0n) names.push(`Unknown ${type} feature: ${rest.toString(16)}`);
   return names.join(", ");
 }
 

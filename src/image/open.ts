@@ -21,6 +21,9 @@ export interface StorageOpener {
   identity(name: string): Promise<string>;
 }
 
+/** An error about the backing chain, already naming where it went wrong. */
+class ChainError extends QcowError {}
+
 /** QEMU refuses deeper chains than this in practice; qcowkit makes it a firm limit. */
 export const MAX_BACKING_DEPTH = 64;
 
@@ -59,9 +62,9 @@ async function openLayer(
   snapshot: string | undefined,
 ): Promise<Image> {
   const id = await opts.opener.identity(name);
-  if (seen.includes(id)) throw invalidArgument(`Backing file '${name}' creates an infinite loop`);
+  if (seen.includes(id)) throw new ChainError("invalid-argument", `Backing file '${name}' creates an infinite loop`);
   if (seen.length > MAX_BACKING_DEPTH) {
-    throw invalidArgument(`Backing chain of '${name}' is deeper than ${MAX_BACKING_DEPTH} images`);
+    throw new ChainError("invalid-argument", `Backing chain of '${name}' is deeper than ${MAX_BACKING_DEPTH} images`);
   }
   const storage = await opts.opener.open(name, { readOnly });
   try {
@@ -78,9 +81,10 @@ async function openLayer(
         const backingPath = opts.opener.resolve(name, backingName);
         const backingFormat = extensions.backingFormat !== undefined ? parseFormat(extensions.backingFormat) : undefined;
         backing = await openLayer(backingPath, opts, backingFormat, [...seen, id], true, undefined).catch((e: unknown) => {
-          if (e instanceof QcowError && e.message.includes("creates an infinite loop")) throw e;
+          // Name the failing backing file once, at the level where it failed.
+          if (e instanceof ChainError) throw e;
           const reason = e instanceof Error ? e.message : String(e);
-          throw new QcowError(e instanceof QcowError ? e.code : "io", `Could not open backing file: ${reason}`, { cause: e });
+          throw new ChainError(e instanceof QcowError ? e.code : "io", `Could not open backing file: ${reason}`, { cause: e });
         });
       }
       if (extensions.dataFile !== undefined) {

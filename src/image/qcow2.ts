@@ -204,7 +204,7 @@ export class Qcow2Image implements BlockDevice {
       if (l1Size * 8 > 32 * 1024 * 1024) throw corrupt(`Snapshot L1 table too large: ${l1Size} entries`);
     }
     const l1 = await readL1(storage, l1Offset, l1Size, clusterSize);
-    const img = new Qcow2Image({ storage, header: h, extensions, backingName, opts: { ...opts, readOnly }, l1, size: h.size, snapshots, bitmaps });
+    const img = new Qcow2Image({ storage, header: h, extensions, backingName, opts: { ...opts, readOnly }, l1, size: Math.floor(h.size / 512) * 512, snapshots, bitmaps });
     if (!readOnly) img.writer = await Qcow2Writer.attach(img);
     return img;
   }

@@ -1,5 +1,5 @@
 /** `compare`: qemu-img compare's walk, verdicts and messages. */
-import type { BlockDevice } from "../image/block-device.js";
+import type { BlockDevice, Extent } from "../image/block-device.js";
 import { isZero } from "../image/zero.js";
 import { ExtentCursor } from "./extents.js";
 
@@ -34,6 +34,20 @@ function firstDifferingSector(a: Uint8Array, b: Uint8Array): number {
   return -1;
 }
 
+/**
+ * The block status flags qemu-img compare -s compares: allocated, zero, data, offset valid,
+ * and whether the run reaches the end of the image.
+ */
+function statusBits(e: Extent, size: number): number {
+  return (
+    (e.present ? 1 : 0) |
+    (e.zero ? 2 : 0) |
+    (e.data ? 4 : 0) |
+    (e.offset !== undefined ? 8 : 0) |
+    (e.start + e.length >= size ? 16 : 0)
+  );
+}
+
 export async function compareImages(a: BlockDevice, b: BlockDevice, opts: CompareOptions = {}): Promise<CompareResult> {
   const messages: string[] = [];
   const common = Math.min(a.size, b.size);
@@ -52,7 +66,7 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, opts: Compar
     const ea = await ca.at(offset);
     const eb = await cb.at(offset);
     let chunk = Math.min(ea.length, eb.length, common - offset);
-    if (opts.strict && (ea.present !== eb.present || ea.zero !== eb.zero || ea.data !== eb.data)) {
+    if (opts.strict && statusBits(ea, a.size) !== statusBits(eb, b.size)) {
       return { identical: false, messages: [`Strict mode: Offset ${offset} block status mismatch!`] };
     }
     if (!(ea.zero && eb.zero)) {

@@ -652,7 +652,7 @@ test("decodeBackingName: none, and a name that is not NUL-terminated", () => {
   assert.equal(decodeBackingName(utf8, decodeHeader(utf8)), "bäse.ïmg");
 });
 
-test("nameFeatures: names set bits from the table of the right type, others as unknown", () => {
+test("nameFeatures: named bits in table order, then the unnamed ones as one hex mask (as QEMU)", () => {
   const table = [
     { type: "incompatible" as const, bit: 0, name: "dirty bit" },
     { type: "compatible" as const, bit: 5, name: "a compatible one" },
@@ -662,10 +662,10 @@ test("nameFeatures: names set bits from the table of the right type, others as u
   assert.equal(nameFeatures(1n, "incompatible", table), "dirty bit");
   assert.equal(
     nameFeatures((1n << 5n) | (1n << 62n) | 1n | (1n << 63n), "incompatible", table),
-    "dirty bit, Unknown incompatible feature bit 5, far out, Unknown incompatible feature bit 63",
+    "dirty bit, far out, Unknown incompatible feature: 8000000000000020",
   );
   assert.equal(nameFeatures(1n << 5n, "compatible", table), "a compatible one");
-  assert.equal(nameFeatures(1n, "autoclear", []), "Unknown autoclear feature bit 0");
+  assert.equal(nameFeatures(1n, "autoclear", []), "Unknown autoclear feature: 1");
 });
 
 // ---------------------------------------------------------------------------------------------
