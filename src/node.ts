@@ -29,7 +29,17 @@ export const fileOpener: StorageOpener = {
   },
 };
 
-/** Opens an image file (and its backing chain) with Node's file system and codecs. */
-export function openImageFile(path: string, opts: Partial<OpenImageOptions> = {}): Promise<Image> {
-  return openImage(path, { opener: fileOpener, codecs: nodeCodecs, ...opts });
+/** A file opener whose writable files do not sync on flush (qemu-img's cache=unsafe). */
+export const unsafeFileOpener: StorageOpener = {
+  ...fileOpener,
+  open: (name, { readOnly }) => FileStorage.open(name, { readOnly, unsafe: true }),
+};
+
+/**
+ * Opens an image file (and its backing chain) with Node's file system and codecs.
+ * `cache: "unsafe"` skips syncing to disk on flush, as qemu-img's convert does by default.
+ */
+export function openImageFile(path: string, opts: Partial<OpenImageOptions> & { cache?: "unsafe" | "writeback" } = {}): Promise<Image> {
+  const { cache, ...rest } = opts;
+  return openImage(path, { opener: cache === "unsafe" ? unsafeFileOpener : fileOpener, codecs: nodeCodecs, ...rest });
 }

@@ -7,12 +7,14 @@ import type { BlockDevice } from "../image/block-device.js";
 import type { Image, ImageFormat } from "../image/open.js";
 import { RawImage } from "../image/raw.js";
 import { openImageFile } from "../node.js";
+import { CompressionPool } from "../codec/pool.js";
 import { compareImages } from "../ops/compare.js";
+import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { convert } from "../ops/convert.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
-import { createImage, parseOptionList } from "./create.js";
+import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { Progress } from "./progress.js";
 import { type QValue, toQemuJson } from "./qobject.js";
@@ -158,23 +160,36 @@ async function openSources(files: string[], fmt: ImageFormat | undefined, snapsh
 const convertCmd: Command = {
   name: "convert",
   synopsis:
-    "qcowkit convert [-f FMT] [-O raw] [-l snapshot.name=NAME | -s NAME] [-S SIZE] [-m N] [-W] [-p] [-q] SRC... DST",
+    "qcowkit convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c] [-B BACKING [-F FMT]] [-n] [-l snapshot.name=NAME | -s NAME] [-S SIZE] [-m N] [-W] [-t CACHE] [-p] [-q] SRC... DST",
   help: [
-    "Copies the guest contents of SRC (several are concatenated) into a new image DST.",
-    "  -O raw       output format (raw)",
+    "Copies the guest contents of SRC (several are concatenated) into DST.",
+    "  -O FMT       output format: raw (default) or qcow2",
+    "  -o OPTIONS   qcow2 creation options, as for create (compat, cluster_size, compression_type, ...)",
+    "  -c           compress the output clusters (qcow2; zlib or zstd per compression_type)",
+    "  -B BACKING   make DST an overlay of BACKING and copy only what the sources' top layers hold",
+    "  -n           DST exists already: write into it, do not create it",
     "  -l snapshot.name=NAME, -s NAME   read an internal snapshot of SRC",
     "  -S SIZE      zero runs of at least SIZE bytes become holes (default 4k; 0 disables)",
-    "  -m N         requests in flight (default 8)",
+    "  -m N         requests in flight (1-16, default 8)",
+    "  -W           allow out-of-order writes",
+    "  -t CACHE     target cache mode: unsafe (default: no sync to disk), writeback, none, ... (sync at the end)",
     "  -p           show progress",
   ].join("\n"),
   options: {
     f: { type: "string", short: "f" },
     O: { type: "string", short: "O" },
+    o: { type: "string", short: "o", multiple: true },
+    c: { type: "boolean", short: "c" },
+    B: { type: "string", short: "B" },
+    F: { type: "string", short: "F" },
+    n: { type: "boolean", short: "n" },
     l: { type: "string", short: "l" },
     s: { type: "string", short: "s" },
     S: { type: "string", short: "S" },
     m: { type: "string", short: "m" },
     W: { type: "boolean", short: "W" },
+    t: { type: "string", short: "t" },
+    T: { type: "string", short: "T" },
     p: { type: "boolean", short: "p" },
     q: { type: "boolean", short: "q" },
     U: { type: "boolean", short: "U" },
@@ -182,29 +197,72 @@ const convertCmd: Command = {
   },
   async run(v, p) {
     if (p.length < 2) throw new ExitError("Expecting image file name(s) and a target");
+    const cacheMode = str(v, "t") ?? "unsafe";
+    if (!["unsafe", "writeback", "none", "writethrough", "directsync"].includes(cacheMode)) {
+      throw invalidArgument(`Invalid cache option: ${cacheMode}`);
+    }
+    const cache = cacheMode === "unsafe" ? "unsafe" : "writeback";
     const target = p[p.length - 1];
     const outFmt = str(v, "O") ?? "raw";
-    if (outFmt !== "raw") throw invalidArgument(`Output format '${outFmt}' is not supported yet (only raw)`);
+    if (outFmt !== "raw" && outFmt !== "qcow2") throw invalidArgument(`Unknown file format '${outFmt}'`);
+    if (v.c && outFmt !== "qcow2") throw invalidArgument("Compression not supported for this file format");
+    if (str(v, "B") !== undefined && outFmt !== "qcow2") throw invalidArgument("Backing file not supported for file format 'raw'");
+    if (v.n && (str(v, "o") !== undefined || str(v, "B") !== undefined)) {
+      throw invalidArgument("-n cannot be combined with -o or -B");
+    }
     const minSparse = str(v, "S") !== undefined ? parseSize(str(v, "S") as string, "sparse size") : 4096;
     const parallel = str(v, "m") !== undefined ? Number(str(v, "m")) : 8;
-    if (!Number.isInteger(parallel) || parallel < 1 || parallel > 16) throw invalidArgument("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+    if (!Number.isInteger(parallel) || parallel < 1 || parallel > 16) {
+      throw invalidArgument("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+    }
     const sources = await openSources(p.slice(0, -1), formatOption(str(v, "f")), snapshotOption(v));
     const progress = new Progress(Boolean(v.p) && !v.q);
-    let out: BlockDevice | undefined;
+    let out: Image | undefined;
+    let compressor: CompressionPool | undefined;
+    const created = !v.n;
     try {
       const total = sources.reduce((n, s) => n + s.size, 0);
-      const storage = await FileStorage.open(target, { readOnly: false, create: true });
-      await storage.truncate(total);
-      out = await RawImage.open(storage, target);
-      await convert(sources, out, { minSparse, parallel, targetZeroed: true, onProgress: (f) => progress.update(f) });
-      await out.flush();
+      if (v.n) {
+        out = await openImageFile(target, { format: outFmt, readOnly: false, cache });
+      } else if (outFmt === "raw") {
+        const storage = await FileStorage.open(target, { readOnly: false, create: true, unsafe: cache === "unsafe" });
+        await storage.truncate(total);
+        out = await RawImage.open(storage, target);
+      } else {
+        const o = parseOptionList((v.o as string[] | undefined) ?? []);
+        if (str(v, "B") !== undefined) o.set("backing_file", str(v, "B") as string);
+        if (str(v, "F") !== undefined) o.set("backing_fmt", str(v, "F") as string);
+        const opts = validateCreateOptions(qcow2OptionsFrom(o, total));
+        const storage = await FileStorage.open(target, { readOnly: false, create: true });
+        try {
+          await writeEmptyQcow2(storage, opts);
+        } finally {
+          await storage.close();
+        }
+        out = await openImageFile(target, { format: "qcow2", readOnly: false, cache });
+        if (opts.preallocation !== "off" && out.format === "qcow2") await out.writer?.preallocate(opts.preallocation !== "metadata");
+      }
+      if (v.c && out.format === "qcow2") {
+        compressor = new CompressionPool(out.header.compressionType === 1 ? "zstd" : "zlib");
+      }
+      const targetZeroed = created && !(out.format === "qcow2" && out.backing);
+      await convert(sources, out, {
+        minSparse,
+        parallel,
+        targetZeroed,
+        outOfOrder: Boolean(v.W),
+        topLayerOnly: str(v, "B") !== undefined,
+        compressor,
+        onProgress: (f) => progress.update(f),
+      });
+      await out.close();
+      out = undefined;
     } catch (e) {
       await out?.close().catch(() => {});
-      out = undefined;
-      await rm(target, { force: true }).catch(() => {});
+      if (created) await rm(target, { force: true }).catch(() => {});
       throw e;
     } finally {
-      await out?.close();
+      await compressor?.close();
       await Promise.all(sources.map((s) => s.close()));
     }
     progress.end();

@@ -19,8 +19,7 @@ export const nodeZlib: Codec = {
     dst.set(out.subarray(0, dst.length));
   },
   async compress(src) {
-    const out = deflateRawSync(src, { windowBits: 12, level: constants.Z_DEFAULT_COMPRESSION });
-    return out.length < src.length ? out : undefined;
+    return compressZlib(src);
   },
 };
 
@@ -52,6 +51,30 @@ export const nodeZstd: Codec = {
     }
     dctx.reset(zstd.ResetDirective.sessionOnly);
   },
+  async compress(src) {
+    return compressZstd(src);
+  },
 };
+
+/**
+ * Deflate as QEMU's qcow2_zlib_compress: raw stream, window 2^12, memLevel 9, default level.
+ * Undefined when the result would not be smaller than the cluster (QEMU then stores it plain).
+ */
+export function compressZlib(src: Uint8Array): Uint8Array | undefined {
+  const out = deflateRawSync(src, { windowBits: 12, memLevel: 9, level: constants.Z_DEFAULT_COMPRESSION });
+  return out.length < src.length ? out : undefined;
+}
+
+let cctx: ZstdBinding.CCtx | undefined;
+let zstdOut: Uint8Array | undefined;
+
+/** zstd at its default level 3, as QEMU's qcow2_zstd_compress. */
+export function compressZstd(src: Uint8Array): Uint8Array | undefined {
+  cctx ??= new zstd.CCtx();
+  const bound = zstd.compressBound(src.length);
+  if (!zstdOut || zstdOut.length < bound) zstdOut = new Uint8Array(bound);
+  const n = cctx.compress(zstdOut, src, 3);
+  return n < src.length ? zstdOut.slice(0, n) : undefined;
+}
 
 export const nodeCodecs: Codecs = { zlib: nodeZlib, zstd: nodeZstd };

@@ -29,8 +29,13 @@ export class Refcounts {
   private table: Float64Array;
   private readonly blocks: TableCache<DataView>;
   private readonly releases: number[] = [];
-  /** Every cluster below this index is known to be in use (QEMU's free_cluster_index). */
+  /**
+   * Where the search for free clusters starts (QEMU's free_cluster_index): it only moves
+   * forward, past each allocation, and back when a cluster is freed.
+   */
   private freeHint = 0;
+  private lastOffset = -1;
+  private lastBlock: DataView | undefined;
 
   private constructor(
     private readonly storage: Storage,
@@ -61,11 +66,16 @@ export class Refcounts {
   }
 
   private async block(blockOffset: number): Promise<DataView> {
-    return this.blocks.get(blockOffset, async () => {
+    // Most lookups hit the block of the previous one: skip the LRU bookkeeping then.
+    if (blockOffset === this.lastOffset && this.lastBlock && this.blocks.peek(blockOffset) === this.lastBlock) return this.lastBlock;
+    const block = await this.blocks.get(blockOffset, async () => {
       const b = new Uint8Array(this.clusterSize);
       await readFull(this.storage, b, blockOffset);
       return view(b);
     });
+    this.lastOffset = blockOffset;
+    this.lastBlock = block;
+    return block;
   }
 
   /** The refcount of host cluster `index` (0 where no refcount block covers it). */
@@ -115,7 +125,7 @@ export class Refcounts {
       if ((await this.get(start + i)) !== 0) return this.allocate(n, onTableMoved);
     }
     for (let i = 0; i < n; i++) await this.update(start + i, 1, onTableMoved);
-    if (start === this.freeHint) this.freeHint = start + n;
+    this.freeHint = start + n;
     return start * this.clusterSize;
   }
 

@@ -20,18 +20,24 @@ export class FileStorage implements Storage {
   readonly name: string;
   readonly readOnly: boolean;
   private readonly fh: FileHandle;
+  private readonly sync: boolean;
 
-  private constructor(fh: FileHandle, name: string, readOnly: boolean) {
+  private constructor(fh: FileHandle, name: string, readOnly: boolean, sync: boolean) {
     this.fh = fh;
     this.name = name;
     this.readOnly = readOnly;
+    this.sync = sync;
   }
 
-  static async open(path: string, opts: { readOnly?: boolean; create?: boolean } = {}): Promise<FileStorage> {
+  /**
+   * `unsafe`: flush does not sync to the disk (qemu-img's cache=unsafe, its default for the
+   * target of convert): fast, and durable only once the kernel writes the pages back.
+   */
+  static async open(path: string, opts: { readOnly?: boolean; create?: boolean; unsafe?: boolean } = {}): Promise<FileStorage> {
     const readOnly = opts.readOnly ?? true;
     const flags = readOnly ? "r" : opts.create ? "w+" : "r+";
     try {
-      return new FileStorage(await open(path, flags), path, readOnly);
+      return new FileStorage(await open(path, flags), path, readOnly, !opts.unsafe);
     } catch (e) {
       throw ioError(e, path);
     }
@@ -84,7 +90,7 @@ export class FileStorage implements Storage {
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly) await this.fh.datasync();
+    if (!this.readOnly && this.sync) await this.fh.datasync();
   }
 
   async truncate(size: number): Promise<void> {

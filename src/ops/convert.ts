@@ -17,7 +17,24 @@ export interface ConvertOptions {
   parallel?: number;
   /** The target reads as zeros before the copy (a new image), so zeros need no writes. */
   targetZeroed?: boolean;
+  /** Without -W, writes reach the target in guest order, so a new image is laid out in order. */
+  outOfOrder?: boolean;
+  /** -B: copy only what the sources' top layers hold; the rest comes from the target's backing file. */
+  topLayerOnly?: boolean;
+  /** -c: compress whole clusters into a target that stores compressed clusters. */
+  compressor?: Compressor;
   onProgress?: (fraction: number) => void;
+}
+
+/** Compresses a run of whole clusters; undefined where a cluster does not shrink. */
+export interface Compressor {
+  compress(clusters: Uint8Array, clusterSize: number): Promise<(Uint8Array | undefined)[]>;
+}
+
+/** A target that stores compressed clusters (a qcow2 image). */
+export interface CompressedTarget extends BlockDevice {
+  readonly clusterSize: number;
+  writeCompressed(guestCluster: number, data: Uint8Array): Promise<void>;
 }
 
 /** Runs tasks with at most `limit` in flight; the first failure stops new work and is thrown. */
@@ -51,9 +68,39 @@ class TaskPool {
   }
 }
 
+type Range = { start: number; length: number; zero: boolean };
+
+/** The sources' extents in target coordinates: data to copy, zeros, and (-B) nothing. */
+async function* targetRanges(sources: BlockDevice[], topLayerOnly: boolean): AsyncIterable<Range> {
+  let base = 0;
+  for (const src of sources) {
+    for await (const e of mapExtents(src)) {
+      if (topLayerOnly && (e.depth > 0 || !e.present)) continue;
+      yield { start: base + e.start, length: e.length, zero: !e.data && e.zero };
+    }
+    base += src.size;
+  }
+}
+
+/** Reads target range [offset, offset+dst.length) from the concatenated sources. */
+async function readSources(sources: BlockDevice[], dst: Uint8Array, offset: number): Promise<void> {
+  let base = 0;
+  for (const src of sources) {
+    const from = Math.max(offset, base);
+    const to = Math.min(offset + dst.length, base + src.size);
+    if (from < to) await src.read(dst.subarray(from - offset, to - offset), from - base);
+    base += src.size;
+  }
+}
+
 export async function convert(sources: BlockDevice[], target: BlockDevice, opts: ConvertOptions = {}): Promise<void> {
-  const minSparse = opts.minSparse ?? 4096;
+  // A target with clusters gets whole clusters: skipping zeros inside one would only make it
+  // copy-on-write the rest (qemu-img aligns its zero detection to the cluster size too).
+  const targetCluster = (target as Partial<CompressedTarget>).clusterSize ?? 0;
+  const minSparse = opts.minSparse === 0 ? 0 : Math.max(opts.minSparse ?? 4096, targetCluster);
   const targetZeroed = opts.targetZeroed ?? false;
+  const compressor = opts.compressor;
+  const cs = compressor ? (target as CompressedTarget).clusterSize : 1;
   const total = sources.reduce((n, s) => n + s.size, 0);
   const pool = new TaskPool(Math.max(1, opts.parallel ?? 8));
   const buffers: Uint8Array[] = [];
@@ -62,38 +109,78 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     done += n;
     opts.onProgress?.(total === 0 ? 1 : done / total);
   };
+  // Writes wait for the previous chunk's writes unless out-of-order writes are allowed.
+  let lastWrite: Promise<void> = Promise.resolve();
+  const ordered = (write: () => Promise<void>): Promise<void> => {
+    if (opts.outOfOrder) return write();
+    const prev = lastWrite;
+    const next = prev.then(write);
+    lastWrite = next.catch(() => {});
+    return next;
+  };
 
-  const copyChunk = async (src: BlockDevice, srcOffset: number, dstOffset: number, length: number): Promise<void> => {
+  const copyChunk = async (dst: number, length: number): Promise<void> => {
     const buf = (buffers.pop() ?? new Uint8Array(CONVERT_CHUNK)).subarray(0, length);
     try {
-      await src.read(buf, srcOffset);
-      await writeSparse(target, buf, dstOffset, minSparse, targetZeroed);
+      await readSources(sources, buf, dst);
+      if (compressor) {
+        const packed = await compressor.compress(buf, cs);
+        await ordered(() => writeClusters(target as CompressedTarget, buf, dst, packed, targetZeroed));
+      } else {
+        await ordered(() => writeSparse(target, buf, dst, minSparse, targetZeroed));
+      }
     } finally {
       buffers.push(new Uint8Array(buf.buffer, 0, CONVERT_CHUNK));
     }
     advance(length);
   };
 
-  let base = 0;
-  for (const src of sources) {
-    for await (const e of mapExtents(src)) {
-      const dst = base + e.start;
-      if (!e.data && e.zero) {
-        if (!targetZeroed) await pool.add(() => target.writeZeroes(dst, e.length));
-        advance(e.length);
-        continue;
+  // Data is copied in chunks aligned in the target (to whole clusters when compressing).
+  let copiedTo = 0;
+  for await (const r of targetRanges(sources, opts.topLayerOnly ?? false)) {
+    if (r.zero) {
+      if (!targetZeroed) {
+        const { start, length } = r;
+        await pool.add(() => ordered(() => target.writeZeroes(start, length)));
       }
-      for (let at = e.start; at < e.start + e.length; ) {
-        const n = Math.min(CONVERT_CHUNK - (at % CONVERT_CHUNK), e.start + e.length - at);
-        const from = at;
-        await pool.add(() => copyChunk(src, from, base + from, n));
-        at += n;
-      }
+      advance(r.length);
+      continue;
     }
-    base += src.size;
+    let at = Math.max(Math.floor(r.start / cs) * cs, copiedTo);
+    const end = Math.min(total, Math.ceil((r.start + r.length) / cs) * cs);
+    while (at < end) {
+      const n = Math.min(CONVERT_CHUNK - (at % CONVERT_CHUNK), end - at);
+      const from = at;
+      await pool.add(() => copyChunk(from, n));
+      at += n;
+    }
+    copiedTo = Math.max(copiedTo, end);
   }
   await pool.drain();
+  await lastWrite;
   opts.onProgress?.(1);
+}
+
+/** Writes whole clusters compressed where they shrink; all-zero clusters are left out. */
+async function writeClusters(
+  target: CompressedTarget,
+  buf: Uint8Array,
+  offset: number,
+  packed: (Uint8Array | undefined)[],
+  targetZeroed: boolean,
+): Promise<void> {
+  const cs = target.clusterSize;
+  for (let i = 0; i * cs < buf.length; i++) {
+    const part = buf.subarray(i * cs, Math.min(buf.length, (i + 1) * cs));
+    const at = offset + i * cs;
+    if (isZero(part)) {
+      if (!targetZeroed) await target.writeZeroes(at, part.length);
+    } else if (packed[i] !== undefined && part.length === cs) {
+      await target.writeCompressed(at / cs, packed[i] as Uint8Array);
+    } else {
+      await target.write(part, at);
+    }
+  }
 }
 
 /**
