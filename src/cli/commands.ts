@@ -77,7 +77,7 @@ const info: Command = {
     while (name !== undefined) {
       if (seen.has(name)) throw new ExitError(`Backing file '${name}' creates an infinite loop.`);
       seen.add(name);
-      const img = await openImageFile(name, { format, noBacking: true });
+      const img = await openImageFile(name, { format, noBacking: true, metadataOnly: true });
       try {
         const i = await imageInfo(img);
         infos.push(i);

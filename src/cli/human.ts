@@ -55,6 +55,7 @@ export function humanInfo(info: ImageInfo): string {
   out.push(`file format: ${info.format}\n`);
   out.push(`virtual size: ${sizeToStr(info["virtual-size"])} (${info["virtual-size"]} bytes)\n`);
   out.push(`disk size: ${disk}\n`);
+  if (info.encrypted) out.push("encrypted: yes\n");
   if (info["cluster-size"] !== undefined) out.push(`cluster_size: ${info["cluster-size"]}\n`);
   if (info["dirty-flag"]) out.push("cleanly shut down: no\n");
   const backing = info["backing-filename"];

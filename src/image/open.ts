@@ -36,6 +36,8 @@ export interface OpenImageOptions {
   snapshot?: string;
   /** Do not open backing files (qemu-img's -u for some commands). */
   noBacking?: boolean;
+  /** Open to describe only (qemu-img info): encrypted images open, their data stays unread. */
+  metadataOnly?: boolean;
 }
 
 export async function probeFormat(storage: Storage): Promise<ImageFormat> {
@@ -73,7 +75,7 @@ async function openLayer(
       if (snapshot !== undefined) throw invalidArgument(`Raw image '${name}' has no snapshot '${snapshot}'`);
       return await RawImage.open(storage, name);
     }
-    const { extensions, backingName } = await Qcow2Image.readHeader(storage);
+    const { extensions, backingName } = await Qcow2Image.readHeader(storage, opts.metadataOnly && readOnly);
     let backing: Image | undefined;
     let dataFile: Storage | undefined;
     try {
@@ -96,6 +98,7 @@ async function openLayer(
         backing,
         dataFile,
         snapshot,
+        metadataOnly: opts.metadataOnly,
         filename: name,
         backingFilename: backingName !== undefined ? opts.opener.resolve(name, backingName) : undefined,
       });

@@ -57,6 +57,15 @@ export interface Qcow2OpenOptions {
   filename?: string;
   /** The resolved name of the backing file, as `full-backing-filename` shows it. */
   backingFilename?: string;
+  /**
+   * Open only to describe the image (QEMU's BDRV_O_NO_IO): encrypted images open too, but
+   * reading their guest data is refused.
+   */
+  metadataOnly?: boolean;
+}
+
+function encryptedError(method: number): QcowError {
+  return unsupported(`Encrypted images are not supported (qcow2 ${method === 1 ? "AES" : "LUKS"} encryption)`);
 }
 
 /** A guest range whose subclusters share one status, as read from one L2 table. */
@@ -149,7 +158,7 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** Reads and validates the header; the caller opens backing and data files (see openImage). */
-  static async readHeader(storage: Storage): Promise<{
+  static async readHeader(storage: Storage, allowEncrypted = false): Promise<{
     header: Qcow2Header;
     extensions: HeaderExtensions;
     backingName: string | undefined;
@@ -168,16 +177,12 @@ export class Qcow2Image implements BlockDevice {
     if (unknown !== 0n) {
       throw unsupported(`Unsupported qcow2 feature(s): ${nameFeatures(unknown, "incompatible", extensions.featureNames)}`);
     }
-    if (header.cryptMethod !== CRYPT_NONE) {
-      throw unsupported(
-        `Encrypted images are not supported (qcow2 ${header.cryptMethod === 1 ? "AES" : "LUKS"} encryption)`,
-      );
-    }
+    if (header.cryptMethod !== CRYPT_NONE && !allowEncrypted) throw encryptedError(header.cryptMethod);
     return { header, extensions, backingName: decodeBackingName(buf, header) };
   }
 
   static async open(storage: Storage, opts: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
-    const { header: h, extensions, backingName } = await Qcow2Image.readHeader(storage);
+    const { header: h, extensions, backingName } = await Qcow2Image.readHeader(storage, opts.metadataOnly && opts.readOnly !== false);
     const readOnly = opts.readOnly ?? true;
     if (!readOnly && h.incompatibleFeatures & INCOMPAT_CORRUPT) {
       throw corrupt("qcow2: Image is corrupt; cannot be opened read/write");
@@ -308,6 +313,7 @@ export class Qcow2Image implements BlockDevice {
   }
 
   async read(dst: Uint8Array, offset: number): Promise<void> {
+    if (this.header.cryptMethod !== CRYPT_NONE) throw encryptedError(this.header.cryptMethod);
     if (offset < 0 || offset + dst.length > this.size) {
       throw new QcowError("invalid-argument", `Read of ${dst.length} bytes at ${offset} is beyond the end of the image (${this.size})`);
     }
@@ -371,6 +377,7 @@ export class Qcow2Image implements BlockDevice {
    * Work follows the L1/L2 tables: an absent L2 table is one step, however much it covers.
    */
   async *blockStatus(offset: number, length: number): AsyncIterable<Extent> {
+    if (this.header.cryptMethod !== CRYPT_NONE) throw encryptedError(this.header.cryptMethod);
     const end = Math.min(offset + length, this.size);
     const file = this.dataFile?.name ?? this.filename;
     let pos = offset;

@@ -1,6 +1,9 @@
 /** `info`: what qemu-img info reports, as data in QAPI's ImageInfo shape. */
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from "../format/bitmap.js";
-import { AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD } from "../format/header.js";
+import { AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, CRYPT_LUKS } from "../format/header.js";
+import { LUKS_HEADER_BYTES, decodeLuksHeader, describeLuks } from "../format/luks.js";
+import type { Qcow2Image } from "../image/qcow2.js";
+import { readFull } from "../io/storage.js";
 import type { Image } from "../image/open.js";
 
 export interface SnapshotInfo {
@@ -32,7 +35,8 @@ export interface Qcow2SpecificInfo {
   "data-file-raw"?: boolean;
   corrupt?: boolean;
   "extended-l2"?: boolean;
-  [key: string]: string | number | boolean | BitmapInfo[] | undefined;
+  encrypt?: Record<string, unknown>;
+  [key: string]: unknown;
 }
 
 /** Keys in QAPI's field order; printers decide the order they appear in. */
@@ -43,6 +47,7 @@ export interface ImageInfo {
   "actual-size"?: number;
   "virtual-size": number;
   "cluster-size"?: number;
+  encrypted?: boolean;
   "backing-filename"?: string;
   "full-backing-filename"?: string;
   "backing-filename-format"?: string;
@@ -102,10 +107,23 @@ export async function imageInfo(img: Image): Promise<ImageInfo> {
       flags: [...(b.flags & BME_FLAG_IN_USE ? ["in-use"] : []), ...(b.flags & BME_FLAG_AUTO ? ["auto"] : [])],
     }));
   }
+  if (h.cryptMethod !== 0) {
+    info.encrypted = true;
+    data.encrypt = await describeEncryption(img);
+  }
   if (h.version === 3 && img.extensions.dataFile !== undefined) data["data-file"] = img.extensions.dataFile;
   if (h.version === 3 && img.dataFile) data["data-file-raw"] = (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
   info["format-specific"] = { type: "qcow2", data };
   return info;
+}
+
+/** The format-specific "encrypt" description: the LUKS header's parameters, or just "aes". */
+async function describeEncryption(img: Qcow2Image): Promise<Record<string, unknown>> {
+  const ext = img.extensions.crypto;
+  if (img.header.cryptMethod !== CRYPT_LUKS || !ext) return { format: "aes" };
+  const buf = new Uint8Array(LUKS_HEADER_BYTES);
+  await readFull(img.storage, buf, ext.offset);
+  return { format: "luks", ...describeLuks(decodeLuksHeader(buf)) };
 }
 
 /** Bytes the image occupies on its storage (qemu-img's "disk size"). */
