@@ -29,12 +29,18 @@ mkdirSync(dir);
 qcowkit("create", "-f", "qcow2", "base.qcow2", "64M");
 await write("base.qcow2", {
   label: "library: write 4 MiB of 0x11 at 0 and 1 MiB of 0x22 at 8 MiB into base.qcow2",
-  steps: [(img) => img.write(new Uint8Array(4 << 20).fill(0x11), 0), (img) => img.write(new Uint8Array(1 << 20).fill(0x22), 8 << 20)],
+  steps: [
+    (img) => img.write(new Uint8Array(4 << 20).fill(0x11), 0),
+    (img) => img.write(new Uint8Array(1 << 20).fill(0x22), 8 << 20),
+  ],
 });
 qcowkit("create", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", "overlay.qcow2");
 await write("overlay.qcow2", {
   label: "library: into overlay.qcow2, 512 KiB of 0x33 at 1 MiB (copy-on-write) and 1 MiB of zeros at 2 MiB",
-  steps: [(img) => img.write(new Uint8Array(512 << 10).fill(0x33), 1 << 20), (img) => img.writeZeroes(2 << 20, 1 << 20)],
+  steps: [
+    (img) => img.write(new Uint8Array(512 << 10).fill(0x33), 1 << 20),
+    (img) => img.writeZeroes(2 << 20, 1 << 20),
+  ],
 });
 qcowkit("info", "--backing-chain", "overlay.qcow2");
 qcowkit("map", "--output=json", "overlay.qcow2");

@@ -1,11 +1,5 @@
 /** Error codes shared by every layer; the CLI maps them to qemu-img's exit codes. */
-export type ErrorCode =
-  | "corrupt"
-  | "unsupported"
-  | "invalid-argument"
-  | "io"
-  | "read-only"
-  | "not-found";
+export type ErrorCode = "corrupt" | "unsupported" | "invalid-argument" | "io" | "read-only" | "not-found";
 
 export class QcowError extends Error {
   readonly code: ErrorCode;
@@ -22,8 +16,7 @@ export class QcowError extends Error {
 export const corrupt = (message: string): QcowError => new QcowError("corrupt", message);
 export const truncated = (message: string): QcowError => new QcowError("corrupt", message, { truncated: true });
 export const unsupported = (message: string): QcowError => new QcowError("unsupported", message);
-export const invalidArgument = (message: string): QcowError =>
-  new QcowError("invalid-argument", message);
+export const invalidArgument = (message: string): QcowError => new QcowError("invalid-argument", message);
 
 /** Formats an offset the way error messages name places in a file. */
 export const hex = (n: number): string => `0x${n.toString(16)}`;

@@ -4,11 +4,11 @@
  */
 import { realpath } from "node:fs/promises";
 import { nodeCodecs } from "./codec/node.js";
+import { type Image, type OpenImageOptions, openImage, type StorageOpener } from "./image/open.js";
 import { FileStorage } from "./io/file.js";
-import { type Image, type OpenImageOptions, type StorageOpener, openImage } from "./image/open.js";
 
-export { FileStorage } from "./io/file.js";
 export { nodeCodecs, nodeZlib, nodeZstd } from "./codec/node.js";
+export { FileStorage } from "./io/file.js";
 
 /** QEMU's path_combine: a relative name is taken from the directory of the image naming it. */
 export function combinePath(base: string, relative: string): string {
@@ -39,7 +39,10 @@ export const unsafeFileOpener: StorageOpener = {
  * Opens an image file (and its backing chain) with Node's file system and codecs.
  * `cache: "unsafe"` skips syncing to disk on flush, as qemu-img's convert does by default.
  */
-export function openImageFile(path: string, opts: Partial<OpenImageOptions> & { cache?: "unsafe" | "writeback" } = {}): Promise<Image> {
+export function openImageFile(
+  path: string,
+  opts: Partial<OpenImageOptions> & { cache?: "unsafe" | "writeback" } = {},
+): Promise<Image> {
   const { cache, ...rest } = opts;
   return openImage(path, { opener: cache === "unsafe" ? unsafeFileOpener : fileOpener, codecs: nodeCodecs, ...rest });
 }

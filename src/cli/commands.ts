@@ -1,21 +1,20 @@
 /** The subcommands: each parses qemu-img's flags and prints qemu-img's output. */
 import { rm } from "node:fs/promises";
 import type { ParseArgsConfig } from "node:util";
+import { CompressionPool } from "../codec/pool.js";
 import { invalidArgument } from "../errors.js";
-import { FileStorage } from "../io/file.js";
-import type { BlockDevice } from "../image/block-device.js";
 import type { Image, ImageFormat } from "../image/open.js";
 import { RawImage } from "../image/raw.js";
+import { FileStorage } from "../io/file.js";
 import { openImageFile } from "../node.js";
-import { CompressionPool } from "../codec/pool.js";
 import { compareImages } from "../ops/compare.js";
-import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { convert } from "../ops/convert.js";
+import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
-import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
+import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
 import { Progress } from "./progress.js";
 import { type QValue, toQemuJson } from "./qobject.js";
 import { parseSize } from "./size.js";
@@ -115,7 +114,8 @@ const map: Command = {
     const img = await openImageFile(file, { format: formatOption(str(v, "f")) });
     try {
       const start = str(v, "start-offset") !== undefined ? parseSize(str(v, "start-offset") as string, "offset") : 0;
-      const maxLength = str(v, "max-length") !== undefined ? parseSize(str(v, "max-length") as string, "length") : img.size;
+      const maxLength =
+        str(v, "max-length") !== undefined ? parseSize(str(v, "max-length") as string, "length") : img.size;
       const end = Math.min(img.size, start + maxLength);
       const out: string[] = [];
       const write = (s: string): void => {
@@ -146,7 +146,11 @@ const map: Command = {
   },
 };
 
-async function openSources(files: string[], fmt: ImageFormat | undefined, snapshot: string | undefined): Promise<Image[]> {
+async function openSources(
+  files: string[],
+  fmt: ImageFormat | undefined,
+  snapshot: string | undefined,
+): Promise<Image[]> {
   const opened: Image[] = [];
   try {
     for (const f of files) opened.push(await openImageFile(f, { format: fmt, snapshot }));
@@ -206,7 +210,8 @@ const convertCmd: Command = {
     const outFmt = str(v, "O") ?? "raw";
     if (outFmt !== "raw" && outFmt !== "qcow2") throw invalidArgument(`Unknown file format '${outFmt}'`);
     if (v.c && outFmt !== "qcow2") throw invalidArgument("Compression not supported for this file format");
-    if (str(v, "B") !== undefined && outFmt !== "qcow2") throw invalidArgument("Backing file not supported for file format 'raw'");
+    if (str(v, "B") !== undefined && outFmt !== "qcow2")
+      throw invalidArgument("Backing file not supported for file format 'raw'");
     if (v.n && (str(v, "o") !== undefined || str(v, "B") !== undefined)) {
       throw invalidArgument("-n cannot be combined with -o or -B");
     }
@@ -240,7 +245,8 @@ const convertCmd: Command = {
           await storage.close();
         }
         out = await openImageFile(target, { format: "qcow2", readOnly: false, cache });
-        if (opts.preallocation !== "off" && out.format === "qcow2") await out.writer?.preallocate(opts.preallocation !== "metadata");
+        if (opts.preallocation !== "off" && out.format === "qcow2")
+          await out.writer?.preallocate(opts.preallocation !== "metadata");
       }
       if (v.c && out.format === "qcow2") {
         compressor = new CompressionPool(out.header.compressionType === 1 ? "zstd" : "zlib");

@@ -1,8 +1,8 @@
 /** `qcowkit create`: qemu-img create's options, its "Formatting ..." line and its refusals. */
 import { rm } from "node:fs/promises";
 import { invalidArgument } from "../errors.js";
-import { FileStorage } from "../io/file.js";
 import type { Qcow2Image } from "../image/qcow2.js";
+import { FileStorage } from "../io/file.js";
 import { combinePath, openImageFile } from "../node.js";
 import { type Preallocation, type Qcow2CreateOptions, validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { formatOption } from "./exit.js";
@@ -57,7 +57,10 @@ const QCOW2_OPTIONS = [
 ];
 
 /** The create options of a -o list (plus -b/-F); `defaults` fill what the list leaves out. */
-export function qcow2OptionsFrom(o: Map<string, string>, size: number | undefined): Qcow2CreateOptions & { size: number } {
+export function qcow2OptionsFrom(
+  o: Map<string, string>,
+  size: number | undefined,
+): Qcow2CreateOptions & { size: number } {
   for (const k of o.keys()) if (!QCOW2_OPTIONS.includes(k)) throw invalidArgument(`Invalid parameter '${k}'`);
   const opts: Qcow2CreateOptions & { size: number } = { size: size ?? 0 };
   const compat = o.get("compat");
@@ -78,12 +81,14 @@ export function qcow2OptionsFrom(o: Map<string, string>, size: number | undefine
   if (o.has("data_file_raw")) opts.dataFileRaw = parseBool("data_file_raw", o.get("data_file_raw") as string);
   const ct = o.get("compression_type");
   if (ct !== undefined) {
-    if (ct !== "zlib" && ct !== "zstd") throw invalidArgument(`Parameter 'compression-type' does not accept value '${ct}'`);
+    if (ct !== "zlib" && ct !== "zstd")
+      throw invalidArgument(`Parameter 'compression-type' does not accept value '${ct}'`);
     opts.compressionType = ct;
   }
   const pre = o.get("preallocation");
   if (pre !== undefined) {
-    if (!["off", "metadata", "falloc", "full"].includes(pre)) throw invalidArgument(`Parameter 'preallocation' does not accept value '${pre}'`);
+    if (!["off", "metadata", "falloc", "full"].includes(pre))
+      throw invalidArgument(`Parameter 'preallocation' does not accept value '${pre}'`);
     opts.preallocation = pre as Preallocation;
   }
   if (o.has("backing_file")) opts.backingFile = o.get("backing_file");
@@ -126,7 +131,8 @@ export async function createImage(a: CreateArgs): Promise<void> {
   if (a.backingFormat !== undefined) o.set("backing_fmt", a.backingFormat);
   const opts = a.format === "qcow2" ? qcow2OptionsFrom(o, a.size) : { size: a.size ?? 0 };
   if (a.format === "raw") {
-    for (const k of o.keys()) if (k !== "preallocation" && k !== "size") throw invalidArgument(`Invalid parameter '${k}'`);
+    for (const k of o.keys())
+      if (k !== "preallocation" && k !== "size") throw invalidArgument(`Invalid parameter '${k}'`);
   }
   if (opts.backingFile !== undefined && opts.backingFormat === undefined) {
     throw invalidArgument("Backing file specified without backing format");
@@ -178,7 +184,8 @@ async function createRaw(file: string, size: number, prealloc: Preallocation): P
     await s.truncate(size);
     if (prealloc !== "off") {
       const zeros = new Uint8Array(Math.min(size, 4 * 1024 * 1024));
-      for (let at = 0; at < size; at += zeros.length) await s.write(zeros.subarray(0, Math.min(zeros.length, size - at)), at);
+      for (let at = 0; at < size; at += zeros.length)
+        await s.write(zeros.subarray(0, Math.min(zeros.length, size - at)), at);
     }
     await s.flush();
   } finally {

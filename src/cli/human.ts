@@ -2,7 +2,7 @@
 import { QcowError } from "../errors.js";
 import type { Extent } from "../image/block-device.js";
 import type { ImageInfo, SnapshotInfo } from "../ops/info.js";
-import { type QObject, dumpHuman } from "./qobject.js";
+import { dumpHuman, type QObject } from "./qobject.js";
 
 /** C's printf("%0.3g", v) for the values size_to_str produces (0 <= v < 1000). */
 function formatG3(v: number): string {
@@ -65,7 +65,8 @@ export function humanInfo(info: ImageInfo): string {
     if (full === undefined) line += " (cannot determine actual path)";
     else if (full !== backing) line += ` (actual path: ${full})`;
     out.push(`${line}\n`);
-    if (info["backing-filename-format"] !== undefined) out.push(`backing file format: ${info["backing-filename-format"]}\n`);
+    if (info["backing-filename-format"] !== undefined)
+      out.push(`backing file format: ${info["backing-filename-format"]}\n`);
   }
   if (info.snapshots) {
     out.push("Snapshot list:\n");
@@ -88,7 +89,8 @@ export function humanMapHeader(): string {
 }
 
 export function humanMapEntry(e: Extent): string {
-  if (e.data && e.offset === undefined) throw new QcowError("unsupported", "File contains external, encrypted or compressed clusters.");
+  if (e.data && e.offset === undefined)
+    throw new QcowError("unsupported", "File contains external, encrypted or compressed clusters.");
   if (!e.data || e.zero || e.offset === undefined) return "";
   return `${hex0(e.start).padEnd(16)}${hex0(e.length).padEnd(16)}${hex0(e.offset).padEnd(16)}${e.file ?? ""}\n`;
 }

@@ -25,7 +25,9 @@ async function main(argv: string[]): Promise<number> {
   try {
     parsed = parseArgs({ args: rest, options: cmd.options, allowPositionals: true, strict: true });
   } catch (e) {
-    throw new ExitError(`${(e as Error).message.split(". To specify")[0]}\nTry 'qcowkit ${name} --help' for more information`);
+    throw new ExitError(
+      `${(e as Error).message.split(". To specify")[0]}\nTry 'qcowkit ${name} --help' for more information`,
+    );
   }
   return cmd.run(parsed.values as Record<string, string | boolean | string[] | undefined>, parsed.positionals);
 }

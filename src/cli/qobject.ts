@@ -51,7 +51,15 @@ export function toQemuJson(v: QValue, depth = 0): string {
   return typeof v === "string" ? quoteString(v) : JSON.stringify(v);
 }
 
-const SHORT_ESCAPES: Record<string, string> = { '"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t" };
+const SHORT_ESCAPES: Record<string, string> = {
+  '"': '\\"',
+  "\\": "\\\\",
+  "\b": "\\b",
+  "\f": "\\f",
+  "\n": "\\n",
+  "\r": "\\r",
+  "\t": "\\t",
+};
 
 /** QEMU's JSON string quoting: short escapes, everything outside printable ASCII as \\uXXXX. */
 function quoteString(s: string): string {

@@ -21,6 +21,7 @@ export function parseSize(text: string, what = "size"): number {
   if (fraction > 0 && unit === 1) throw bad();
   const whole = hex ? Number.parseInt(m[1], 16) : Number(m[1]);
   const value = whole * unit + Math.round(fraction * unit);
-  if (!Number.isSafeInteger(value)) throw invalidArgument(`Invalid ${what} specified. Must be between 0 and 9223372036854775807.`);
+  if (!Number.isSafeInteger(value))
+    throw invalidArgument(`Invalid ${what} specified. Must be between 0 and 9223372036854775807.`);
   return value;
 }

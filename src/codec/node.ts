@@ -1,6 +1,7 @@
 /** Node codecs: zlib from Node itself, zstd from zstd-napi (native libzstd). */
-import { constants, deflateRawSync, inflateRawSync } from "node:zlib";
+
 import { createRequire } from "node:module";
+import { constants, deflateRawSync, inflateRawSync } from "node:zlib";
 import type * as ZstdBinding from "zstd-napi/binding.js";
 import { corrupt } from "../errors.js";
 import type { Codec, Codecs } from "./codec.js";
@@ -15,7 +16,8 @@ export const nodeZlib: Codec = {
     } catch (e) {
       throw corrupt(`Compressed cluster does not inflate: ${(e as Error).message}`);
     }
-    if (out.length < dst.length) throw corrupt(`Compressed cluster inflates to ${out.length} bytes, expected ${dst.length}`);
+    if (out.length < dst.length)
+      throw corrupt(`Compressed cluster inflates to ${out.length} bytes, expected ${dst.length}`);
     dst.set(out.subarray(0, dst.length));
   },
   async compress(src) {

@@ -9,7 +9,10 @@ import type { CompressReply, CompressRequest } from "./compress-worker.js";
 
 export class CompressionPool implements Compressor {
   private readonly workers: { worker: Worker; busy: number }[] = [];
-  private readonly pending = new Map<number, { resolve: (r: (Uint8Array | undefined)[]) => void; reject: (e: unknown) => void; worker: number }>();
+  private readonly pending = new Map<
+    number,
+    { resolve: (r: (Uint8Array | undefined)[]) => void; reject: (e: unknown) => void; worker: number }
+  >();
   private nextId = 0;
 
   constructor(

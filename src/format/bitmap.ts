@@ -77,7 +77,11 @@ export function encodeBitmapDirectory(entries: BitmapDirectoryEntry[]): Uint8Arr
 }
 
 /** A bitmap table entry: a data cluster offset, or (offset 0) all zeros / all ones. */
-export function decodeBitmapTableEntry(hi: number, lo: number, clusterSize: number): { offset: number; allOnes: boolean } {
+export function decodeBitmapTableEntry(
+  hi: number,
+  lo: number,
+  clusterSize: number,
+): { offset: number; allOnes: boolean } {
   if ((hi & 0xff00_0000) !== 0 || (lo & 0x1fe) !== 0) throw corrupt("Bitmap table entry has reserved bits set");
   const offset = (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
   if (offset > Number.MAX_SAFE_INTEGER) throw corrupt(`Bitmap data offset ${hex(offset)} is beyond 2^53`);

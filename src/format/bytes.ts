@@ -11,7 +11,8 @@ export function view(buf: Uint8Array): DataView {
 export function getU64(dv: DataView, at: number, what: string): number {
   const hi = dv.getUint32(at);
   const lo = dv.getUint32(at + 4);
-  if (hi > 0x1fffff) throw corrupt(`${what} at ${hex(at)} is too large (0x${hi.toString(16)}${lo.toString(16).padStart(8, "0")})`);
+  if (hi > 0x1fffff)
+    throw corrupt(`${what} at ${hex(at)} is too large (0x${hi.toString(16)}${lo.toString(16).padStart(8, "0")})`);
   return hi * 0x1_0000_0000 + lo;
 }
 

@@ -151,7 +151,8 @@ export function decodeHeader(buf: Uint8Array): Qcow2Header {
 
 function validateHeader(h: Qcow2Header): void {
   const clusterSize = 2 ** h.clusterBits;
-  if (h.refcountOrder > 6) throw corrupt(`Reference count entry width too large: refcount_order ${h.refcountOrder} (at 0x60) exceeds 6`);
+  if (h.refcountOrder > 6)
+    throw corrupt(`Reference count entry width too large: refcount_order ${h.refcountOrder} (at 0x60) exceeds 6`);
   if (h.backingFileOffset !== 0) {
     if (h.backingFileOffset > clusterSize) {
       throw corrupt(`Invalid backing file offset ${hex(h.backingFileOffset)}: beyond the first cluster`);
@@ -166,17 +167,20 @@ function validateHeader(h: Qcow2Header): void {
   if (h.cryptMethod > CRYPT_LUKS) throw unsupported(`Unsupported encryption method: ${h.cryptMethod}`);
   if (h.l1Size * 8 > MAX_L1_BYTES) throw corrupt(`Active L1 table too large: l1_size ${h.l1Size} (at 0x24)`);
   checkTable("Active L1 table", h.l1TableOffset, h.l1Size * 8, clusterSize, h.l1Size > 0);
-  if (h.refcountTableClusters === 0) throw corrupt("Image does not contain a reference count table (refcount_table_clusters is 0)");
+  if (h.refcountTableClusters === 0)
+    throw corrupt("Image does not contain a reference count table (refcount_table_clusters is 0)");
   if (h.refcountTableClusters * clusterSize > MAX_REFTABLE_BYTES) {
     throw corrupt(`Reference count table too large: refcount_table_clusters ${h.refcountTableClusters} (at 0x38)`);
   }
   checkTable("Reference count table", h.refcountTableOffset, h.refcountTableClusters * clusterSize, clusterSize, true);
-  if (h.nbSnapshots > MAX_SNAPSHOTS) throw corrupt(`Too many snapshots: nb_snapshots ${h.nbSnapshots} (at 0x3c), at most ${MAX_SNAPSHOTS}`);
+  if (h.nbSnapshots > MAX_SNAPSHOTS)
+    throw corrupt(`Too many snapshots: nb_snapshots ${h.nbSnapshots} (at 0x3c), at most ${MAX_SNAPSHOTS}`);
   checkTable("Snapshot table", h.snapshotsOffset, 0, clusterSize, h.nbSnapshots > 0);
   // Every guest cluster must be reachable from the L1 table.
   const l2Entries = clusterSize / (h.incompatibleFeatures & INCOMPAT_EXTL2 ? 16 : 8);
   const needed = Math.ceil(h.size / clusterSize / l2Entries);
-  if (h.l1Size < needed) throw corrupt(`L1 table is too small: l1_size ${h.l1Size} for a ${h.size}-byte disk needs ${needed}`);
+  if (h.l1Size < needed)
+    throw corrupt(`L1 table is too small: l1_size ${h.l1Size} for a ${h.size}-byte disk needs ${needed}`);
   if (h.incompatibleFeatures & INCOMPAT_COMPRESSION) {
     if (h.compressionType === COMPRESSION_DEFLATE) {
       throw corrupt("Compression type incompatible feature bit is set but compression_type is deflate (0)");
@@ -237,7 +241,8 @@ export function decodeExtensions(buf: Uint8Array, h: Qcow2Header): HeaderExtensi
       throw corrupt(`Header extension ${hex(type)} at ${hex(at)} too large: ${len} bytes run past ${hex(end)}`);
     }
     const data = buf.subarray(dataAt, dataAt + len);
-    if (seen.has(type) && type !== EXT_END) throw corrupt(`Header extension ${hex(type)} appears twice (at ${hex(at)})`);
+    if (seen.has(type) && type !== EXT_END)
+      throw corrupt(`Header extension ${hex(type)} appears twice (at ${hex(at)})`);
     seen.add(type);
     switch (type) {
       case EXT_BACKING_FORMAT:
@@ -269,13 +274,15 @@ export function decodeExtensions(buf: Uint8Array, h: Qcow2Header): HeaderExtensi
         break;
       }
       case EXT_CRYPTO: {
-        if (len !== 16) throw corrupt(`Full disk encryption header extension at ${hex(at)} has length ${len}, expected 16`);
+        if (len !== 16)
+          throw corrupt(`Full disk encryption header extension at ${hex(at)} has length ${len}, expected 16`);
         const c = view(data);
         ext.crypto = { offset: getU64(c, 0, "crypto header offset"), length: getU64(c, 8, "crypto header length") };
         break;
       }
       case EXT_DATA_FILE:
-        if (len > 1023) throw corrupt(`External data file name too long (${len} bytes) in header extension at ${hex(at)}`);
+        if (len > 1023)
+          throw corrupt(`External data file name too long (${len} bytes) in header extension at ${hex(at)}`);
         ext.dataFile = textDecoder.decode(data);
         break;
       default:
@@ -308,11 +315,7 @@ export const QEMU_FEATURE_NAMES: FeatureName[] = [
  * Encodes the header, its extensions and the backing file name into the first cluster.
  * Extensions are written in QEMU's order; unknown ones are kept byte for byte after them.
  */
-export function encodeHeader(
-  h: Qcow2Header,
-  ext: HeaderExtensions,
-  backingName: string | undefined,
-): Uint8Array {
+export function encodeHeader(h: Qcow2Header, ext: HeaderExtensions, backingName: string | undefined): Uint8Array {
   const clusterSize = 2 ** h.clusterBits;
   const buf = new Uint8Array(clusterSize);
   const dv = view(buf);
@@ -355,7 +358,16 @@ export function encodeHeader(
     setU64(view(c), 8, ext.crypto.length);
     put(EXT_CRYPTO, c);
   }
-  if (h.version === 3 && ext.featureNames.length > 0) {
+  // The feature-name table is only a help for messages: like QEMU, leave it out when it does
+  // not fit beside everything else (512-byte clusters with a backing file).
+  const padded = (n: number): number => 8 + Math.ceil(n / 8) * 8;
+  const after =
+    (ext.bitmaps ? padded(24) : 0) +
+    ext.unknown.reduce((n, u) => n + padded(u.data.length), 0) +
+    8 +
+    (backingName !== undefined ? textEncoder.encode(backingName).length : 0);
+  const tableFits = at + padded(48 * ext.featureNames.length) + after <= clusterSize;
+  if (h.version === 3 && ext.featureNames.length > 0 && tableFits) {
     const t = new Uint8Array(48 * ext.featureNames.length);
     ext.featureNames.forEach((f, i) => {
       t[i * 48] = FEATURE_TYPES.indexOf(f.type);

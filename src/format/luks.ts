@@ -78,7 +78,9 @@ export function describeLuks(h: LuksHeader): Record<string, unknown> {
   info["master-key-iters"] = h.masterKeyIterations;
   info.uuid = h.uuid;
   info.slots = h.slots.map((s) =>
-    s.active ? { active: true, iters: s.iterations, stripes: s.stripes, "key-offset": s.keyOffset } : { active: false, "key-offset": s.keyOffset },
+    s.active
+      ? { active: true, iters: s.iterations, stripes: s.stripes, "key-offset": s.keyOffset }
+      : { active: false, "key-offset": s.keyOffset },
   );
   return info;
 }

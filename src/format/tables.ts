@@ -42,7 +42,7 @@ export function encodeL1Entry(e: L1Entry): [number, number] {
 }
 
 /** QEMU's cluster types (block/qcow2.h, QCow2ClusterType). */
-export const enum ClusterType {
+export enum ClusterType {
   Unallocated = 0,
   ZeroPlain = 1,
   ZeroAlloc = 2,
@@ -51,7 +51,7 @@ export const enum ClusterType {
 }
 
 /** QEMU's subcluster types (QCow2SubclusterType): what one subcluster (or cluster) reads as. */
-export const enum SubclusterType {
+export enum SubclusterType {
   UnallocatedPlain = 0,
   UnallocatedAlloc = 1,
   ZeroPlain = 2,
@@ -97,9 +97,17 @@ export function decodeL2Entry(
   const copied = (hi & OFLAG_COPIED_HI) !== 0;
   if (hi & OFLAG_COMPRESSED_HI) {
     if (copied) throw corrupt(`Compressed cluster has the COPIED flag set (${where()})`);
-    if (g.extendedL2 && (bhi | blo) !== 0) throw corrupt(`Compressed cluster has a non-zero subcluster bitmap (${where()})`);
+    if (g.extendedL2 && (bhi | blo) !== 0)
+      throw corrupt(`Compressed cluster has a non-zero subcluster bitmap (${where()})`);
     const { offset, size } = decodeCompressed(hi, lo, g.clusterBits, where);
-    return { type: ClusterType.Compressed, hostOffset: offset, copied, compressedSize: size, allocMask: 0, zeroMask: 0 };
+    return {
+      type: ClusterType.Compressed,
+      hostOffset: offset,
+      copied,
+      compressedSize: size,
+      allocMask: 0,
+      zeroMask: 0,
+    };
   }
   const clusterSize = 2 ** g.clusterBits;
   const reservedLo = g.extendedL2 || g.version < 3 ? 0x1ff : 0x1fe;
@@ -178,11 +186,15 @@ export function encodeCompressed(offset: number, size: number, clusterBits: numb
   const x = 62 - (clusterBits - 8);
   // Out-of-range values would spill into the neighbouring field or the flag bits.
   if (offset >= 2 ** x) {
-    throw unsupported(`Compressed cluster offset ${hex(offset)} does not fit in ${x} bits (cluster_bits ${clusterBits})`);
+    throw unsupported(
+      `Compressed cluster offset ${hex(offset)} does not fit in ${x} bits (cluster_bits ${clusterBits})`,
+    );
   }
   const sectors = Math.ceil(((offset % 512) + size) / 512) - 1;
   if (size < 1 || sectors >= 2 ** (clusterBits - 8)) {
-    throw invalidArgument(`Compressed cluster size ${size} at ${hex(offset)} does not fit a ${2 ** clusterBits}-byte cluster descriptor`);
+    throw invalidArgument(
+      `Compressed cluster size ${size} at ${hex(offset)} does not fit a ${2 ** clusterBits}-byte cluster descriptor`,
+    );
   }
   const hi = OFLAG_COMPRESSED_HI | (sectors << (x - 32)) | Math.floor(offset / 0x1_0000_0000);
   return [hi >>> 0, offset >>> 0];
@@ -198,7 +210,8 @@ export function encodeStandardL2(hostOffset: number, copied: boolean, zero: bool
 export function decodeRefcountTableEntry(hi: number, lo: number, clusterSize: number, index: number): number {
   if ((lo & 0x1ff) !== 0) throw corrupt(`Refcount table entry ${index} has reserved bits set`);
   const offset = checkOffset(hi * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0), `Refcount table entry ${index}`);
-  if (offset % clusterSize !== 0) throw corrupt(`Refcount block offset ${hex(offset)} unaligned (reftable index: ${hex(index)})`);
+  if (offset % clusterSize !== 0)
+    throw corrupt(`Refcount block offset ${hex(offset)} unaligned (reftable index: ${hex(index)})`);
   return offset;
 }
 

@@ -3,7 +3,7 @@
  * relative names), external data files, loops and a depth limit.
  */
 import type { Codecs } from "../codec/codec.js";
-import { QcowError, invalidArgument } from "../errors.js";
+import { invalidArgument, QcowError } from "../errors.js";
 import { QCOW2_MAGIC } from "../format/header.js";
 import type { Storage } from "../io/storage.js";
 import { Qcow2Image } from "./qcow2.js";
@@ -81,13 +81,18 @@ async function openLayer(
     try {
       if (backingName !== undefined && !opts.noBacking) {
         const backingPath = opts.opener.resolve(name, backingName);
-        const backingFormat = extensions.backingFormat !== undefined ? parseFormat(extensions.backingFormat) : undefined;
-        backing = await openLayer(backingPath, opts, backingFormat, [...seen, id], true, undefined).catch((e: unknown) => {
-          // Name the failing backing file once, at the level where it failed.
-          if (e instanceof ChainError) throw e;
-          const reason = e instanceof Error ? e.message : String(e);
-          throw new ChainError(e instanceof QcowError ? e.code : "io", `Could not open backing file: ${reason}`, { cause: e });
-        });
+        const backingFormat =
+          extensions.backingFormat !== undefined ? parseFormat(extensions.backingFormat) : undefined;
+        backing = await openLayer(backingPath, opts, backingFormat, [...seen, id], true, undefined).catch(
+          (e: unknown) => {
+            // Name the failing backing file once, at the level where it failed.
+            if (e instanceof ChainError) throw e;
+            const reason = e instanceof Error ? e.message : String(e);
+            throw new ChainError(e instanceof QcowError ? e.code : "io", `Could not open backing file: ${reason}`, {
+              cause: e,
+            });
+          },
+        );
       }
       if (extensions.dataFile !== undefined) {
         dataFile = await opts.opener.open(opts.opener.resolve(name, extensions.dataFile), { readOnly });

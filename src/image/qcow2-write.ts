@@ -12,20 +12,10 @@
  * Requests that change the mapping of a guest cluster hold a lock on it (allocation
  * dependencies); overwrites of clusters this image owns go straight to their host cluster.
  */
-import { QcowError, corrupt, unsupported } from "../errors.js";
+import { corrupt, QcowError, unsupported } from "../errors.js";
 import { view } from "../format/bytes.js";
-import {
-  AUTOCLEAR_KNOWN,
-  INCOMPAT_DIRTY,
-  encodeHeader,
-} from "../format/header.js";
-import {
-  ClusterType,
-  type L2Entry,
-  encodeCompressed,
-  encodeL1Entry,
-  encodeStandardL2,
-} from "../format/tables.js";
+import { AUTOCLEAR_KNOWN, encodeHeader, INCOMPAT_DIRTY } from "../format/header.js";
+import { ClusterType, encodeCompressed, encodeL1Entry, encodeStandardL2, type L2Entry } from "../format/tables.js";
 import { Mutex, RangeLocks } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts } from "./refcount.js";
@@ -103,7 +93,7 @@ export class Qcow2Writer {
     const s0 = Math.floor((from - base) / sc);
     const s1 = Math.floor((to - 1 - base) / sc);
     const mask = s1 - s0 === 31 ? 0xffff_ffff : ((2 ** (s1 - s0 + 1) - 1) * 2 ** s0) >>> 0;
-    return ((e.allocMask & mask) >>> 0) === mask;
+    return (e.allocMask & mask) >>> 0 === mask;
   }
 
   /**
@@ -229,7 +219,7 @@ export class Qcow2Writer {
       const entries: (L2Entry | undefined)[] = [];
       for (let gc = c0; gc < c1; gc++) entries.push(await this.entry(gc));
       // Clusters that already have a host cluster of their own keep it.
-      const keep = entries.map((e) => e !== undefined && e.copied && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc));
+      const keep = entries.map((e) => e?.copied === true && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc));
       const fresh = keep.filter((k) => !k).length;
       const hosts: number[] = [];
       await this.meta.run(async () => {
@@ -249,7 +239,10 @@ export class Qcow2Writer {
         let from = cStart;
         let to = cEnd;
         const e = entries[i];
-        if (img.extendedL2 && (!e || e.type === ClusterType.Unallocated || (keep[i] && e.type === ClusterType.Normal))) {
+        if (
+          img.extendedL2 &&
+          (!e || e.type === ClusterType.Unallocated || (keep[i] && e.type === ClusterType.Normal))
+        ) {
           // Subclusters: only the touched ones are written (and allocated).
           from = cStart + Math.floor((wFrom - cStart) / sc) * sc;
           to = Math.min(cEnd, cStart + Math.ceil((wTo - cStart) / sc) * sc);
@@ -272,7 +265,10 @@ export class Qcow2Writer {
         // Copy-on-write: what the guest sees now around the written part.
         if (from < offset) await img.read(buf.subarray(0, offset - from), from);
         if (end < to) await img.read(buf.subarray(end - from), end);
-        buf.set(data.subarray(Math.max(0, from - offset), Math.min(data.length, to - offset)), Math.max(0, offset - from));
+        buf.set(
+          data.subarray(Math.max(0, from - offset), Math.min(data.length, to - offset)),
+          Math.max(0, offset - from),
+        );
         writes.push(this.dataStorage.write(buf, pieces[i].host));
         i = j;
       }
@@ -290,8 +286,8 @@ export class Qcow2Writer {
             const s1 = Math.ceil((p.to - cStart) / sc);
             const touched = s1 - s0 === 32 ? 0xffff_ffff : ((2 ** (s1 - s0) - 1) * 2 ** s0) >>> 0;
             const keepBits = e && (e.type === ClusterType.Unallocated || (keep[i] && e.type === ClusterType.Normal));
-            alloc = keepBits ? ((e.allocMask | touched) >>> 0) : touched;
-            zero = keepBits ? ((e.zeroMask & ~touched) >>> 0) : 0;
+            alloc = keepBits ? (e.allocMask | touched) >>> 0 : touched;
+            zero = keepBits ? (e.zeroMask & ~touched) >>> 0 : 0;
           }
           const [hi, lo] = encodeStandardL2(host, true, false);
           await this.setEntry(p.gc, hi, lo, alloc, zero);
@@ -357,7 +353,8 @@ export class Qcow2Writer {
 
   private async writeRealZeroes(from: number, to: number): Promise<void> {
     const chunk = new Uint8Array(Math.min(to - from, 1024 * 1024));
-    for (let pos = from; pos < to; pos += chunk.length) await this.write(chunk.subarray(0, Math.min(chunk.length, to - pos)), pos);
+    for (let pos = from; pos < to; pos += chunk.length)
+      await this.write(chunk.subarray(0, Math.min(chunk.length, to - pos)), pos);
   }
 
   private async writeRealZeroesToDataFile(from: number, to: number): Promise<void> {
@@ -405,7 +402,7 @@ export class Qcow2Writer {
             await this.setEntry(gc, hi, lo, alloc, zero);
             continue;
           }
-          const owned = e !== undefined && e.copied && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc);
+          const owned = e?.copied && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc);
           const keepHost = !unmap && owned && zeroFlag;
           if (img.extendedL2) {
             const host = keepHost ? (e as L2Entry).hostOffset : 0;
@@ -516,7 +513,13 @@ export class Qcow2Writer {
     const img = this.img;
     const s = img.storage;
     const l2Dirty = img.l2Cache.dirtyEntries();
-    if (!this.refcounts.dirty && l2Dirty.length === 0 && this.l1Dirty.size === 0 && this.refcounts.pendingReleases === 0) return;
+    if (
+      !this.refcounts.dirty &&
+      l2Dirty.length === 0 &&
+      this.l1Dirty.size === 0 &&
+      this.refcounts.pendingReleases === 0
+    )
+      return;
     // Data (and the data file) first, with the refcount increments that cover new clusters.
     await img.dataFile?.flush();
     await this.refcounts.writeBack();

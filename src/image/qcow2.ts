@@ -3,42 +3,42 @@
  * (cluster mapping through L1/L2, compressed clusters, backing files, block status).
  */
 import type { Codec, Codecs } from "../codec/codec.js";
-import { QcowError, corrupt, hex, unsupported } from "../errors.js";
+import { corrupt, hex, QcowError, unsupported } from "../errors.js";
+import { type BitmapDirectoryEntry, decodeBitmapDirectory, MAX_BITMAP_DIRECTORY_BYTES } from "../format/bitmap.js";
 import { view } from "../format/bytes.js";
 import {
   AUTOCLEAR_DATA_FILE_RAW,
+  COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_ZSTD,
   CRYPT_NONE,
+  decodeBackingName,
+  decodeExtensions,
+  decodeHeader,
   type HeaderExtensions,
   INCOMPAT_CORRUPT,
   INCOMPAT_DATA_FILE,
   INCOMPAT_DIRTY,
   INCOMPAT_EXTL2,
   INCOMPAT_KNOWN,
-  COMPAT_LAZY_REFCOUNTS,
-  type Qcow2Header,
-  decodeBackingName,
-  decodeExtensions,
-  decodeHeader,
   nameFeatures,
+  type Qcow2Header,
 } from "../format/header.js";
-import { type Snapshot, decodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES } from "../format/snapshot.js";
-import { type BitmapDirectoryEntry, decodeBitmapDirectory, MAX_BITMAP_DIRECTORY_BYTES } from "../format/bitmap.js";
+import { decodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES, type Snapshot } from "../format/snapshot.js";
 import {
   ClusterType,
+  decodeL1Entry,
+  decodeL2Entry,
   type L2Entry,
   type L2Geometry,
   SubclusterType,
-  decodeL1Entry,
-  decodeL2Entry,
   subclusterType,
 } from "../format/tables.js";
-import { type Storage, readFull } from "../io/storage.js";
+import { readFull, type Storage } from "../io/storage.js";
 import type { BlockDevice, Extent } from "./block-device.js";
 import { TableCache } from "./cache.js";
+import { Qcow2Writer } from "./qcow2-write.js";
 import type { RawImage } from "./raw.js";
 import { Refcounts } from "./refcount.js";
-import { Qcow2Writer } from "./qcow2-write.js";
 
 /** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -158,7 +158,10 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** Reads and validates the header; the caller opens backing and data files (see openImage). */
-  static async readHeader(storage: Storage, allowEncrypted = false): Promise<{
+  static async readHeader(
+    storage: Storage,
+    allowEncrypted = false,
+  ): Promise<{
     header: Qcow2Header;
     extensions: HeaderExtensions;
     backingName: string | undefined;
@@ -175,14 +178,20 @@ export class Qcow2Image implements BlockDevice {
     const extensions = decodeExtensions(buf, header);
     const unknown = header.incompatibleFeatures & ~INCOMPAT_KNOWN;
     if (unknown !== 0n) {
-      throw unsupported(`Unsupported qcow2 feature(s): ${nameFeatures(unknown, "incompatible", extensions.featureNames)}`);
+      throw unsupported(
+        `Unsupported qcow2 feature(s): ${nameFeatures(unknown, "incompatible", extensions.featureNames)}`,
+      );
     }
     if (header.cryptMethod !== CRYPT_NONE && !allowEncrypted) throw encryptedError(header.cryptMethod);
     return { header, extensions, backingName: decodeBackingName(buf, header) };
   }
 
   static async open(storage: Storage, opts: Qcow2OpenOptions = {}): Promise<Qcow2Image> {
-    const { header: h, extensions, backingName } = await Qcow2Image.readHeader(storage, opts.metadataOnly && opts.readOnly !== false);
+    const {
+      header: h,
+      extensions,
+      backingName,
+    } = await Qcow2Image.readHeader(storage, opts.metadataOnly && opts.readOnly !== false);
     const readOnly = opts.readOnly ?? true;
     if (!readOnly && h.incompatibleFeatures & INCOMPAT_CORRUPT) {
       throw corrupt("qcow2: Image is corrupt; cannot be opened read/write");
@@ -209,7 +218,17 @@ export class Qcow2Image implements BlockDevice {
       if (l1Size * 8 > 32 * 1024 * 1024) throw corrupt(`Snapshot L1 table too large: ${l1Size} entries`);
     }
     const l1 = await readL1(storage, l1Offset, l1Size, clusterSize);
-    const img = new Qcow2Image({ storage, header: h, extensions, backingName, opts: { ...opts, readOnly }, l1, size: Math.floor(h.size / 512) * 512, snapshots, bitmaps });
+    const img = new Qcow2Image({
+      storage,
+      header: h,
+      extensions,
+      backingName,
+      opts: { ...opts, readOnly },
+      l1,
+      size: Math.floor(h.size / 512) * 512,
+      snapshots,
+      bitmaps,
+    });
     if (!readOnly) img.writer = await Qcow2Writer.attach(img);
     return img;
   }
@@ -294,7 +313,8 @@ export class Qcow2Image implements BlockDevice {
       let s = Math.floor((pos - clusterStart) / sc);
       while (pos < limit && pos < clusterEnd) {
         const t = subclusterType(e, s, this.geometry.extendedL2);
-        const hasHost = t === SubclusterType.Normal || t === SubclusterType.ZeroAlloc || t === SubclusterType.UnallocatedAlloc;
+        const hasHost =
+          t === SubclusterType.Normal || t === SubclusterType.ZeroAlloc || t === SubclusterType.UnallocatedAlloc;
         const host = hasHost ? e.hostOffset + (pos - clusterStart) : 0;
         const stepEnd = Math.min(clusterStart + (s + 1) * sc, limit);
         if (!run) {
@@ -315,7 +335,10 @@ export class Qcow2Image implements BlockDevice {
   async read(dst: Uint8Array, offset: number): Promise<void> {
     if (this.header.cryptMethod !== CRYPT_NONE) throw encryptedError(this.header.cryptMethod);
     if (offset < 0 || offset + dst.length > this.size) {
-      throw new QcowError("invalid-argument", `Read of ${dst.length} bytes at ${offset} is beyond the end of the image (${this.size})`);
+      throw new QcowError(
+        "invalid-argument",
+        `Read of ${dst.length} bytes at ${offset} is beyond the end of the image (${this.size})`,
+      );
     }
     const jobs: Promise<void>[] = [];
     let pos = offset;
@@ -362,7 +385,9 @@ export class Qcow2Image implements BlockDevice {
   private async decompressCluster(c: { offset: number; size: number }): Promise<Uint8Array> {
     return this.compressedCache.get(c.offset, async () => {
       if (!this.codec) {
-        throw unsupported(`No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`);
+        throw unsupported(
+          `No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`,
+        );
       }
       const src = new Uint8Array(c.size);
       await readFull(this.storage, src, c.offset);
@@ -390,7 +415,16 @@ export class Qcow2Image implements BlockDevice {
           if (await this.metadataPreallocated()) {
             yield* this.splitHoles(pos, run.length, at as number, file);
           } else {
-            yield { start: pos, length: run.length, present: true, zero: false, data: true, depth: 0, offset: at, file };
+            yield {
+              start: pos,
+              length: run.length,
+              present: true,
+              zero: false,
+              data: true,
+              depth: 0,
+              offset: at,
+              file,
+            };
           }
           break;
         case SubclusterType.Compressed:
@@ -440,7 +474,16 @@ export class Qcow2Image implements BlockDevice {
     for await (const r of runs) {
       // Past the end of the file reads as zeros too (QEMU: BDRV_BLOCK_EOF).
       const zero = !r.data || r.start >= fileEnd;
-      yield { start: start + (r.start - hostOffset), length: r.length, present: true, zero, data: true, depth: 0, offset: r.start, file };
+      yield {
+        start: start + (r.start - hostOffset),
+        length: r.length,
+        present: true,
+        zero,
+        data: true,
+        depth: 0,
+        offset: r.start,
+        file,
+      };
     }
   }
 
@@ -449,7 +492,12 @@ export class Qcow2Image implements BlockDevice {
    * Past the backing file's end (or without one) it reads as zeros from this layer, keeping
    * the host offset an allocated-but-unused subcluster has.
    */
-  private async *backingStatus(start: number, end: number, hostOffset: number | undefined, file: string): AsyncIterable<Extent> {
+  private async *backingStatus(
+    start: number,
+    end: number,
+    hostOffset: number | undefined,
+    file: string,
+  ): AsyncIterable<Extent> {
     const b = this.backing;
     const inBackingEnd = b ? Math.min(end, b.size) : start;
     if (b && start < inBackingEnd) {
@@ -482,7 +530,10 @@ export class Qcow2Image implements BlockDevice {
 
   /** Stores one whole guest cluster compressed (`data` is what the codec produced). */
   async writeCompressed(guestCluster: number, data: Uint8Array): Promise<void> {
-    this.checkRange(guestCluster * this.clusterSize, Math.min(this.clusterSize, this.size - guestCluster * this.clusterSize));
+    this.checkRange(
+      guestCluster * this.clusterSize,
+      Math.min(this.clusterSize, this.size - guestCluster * this.clusterSize),
+    );
     await this.writable().writeCompressed(guestCluster, data);
   }
 
@@ -493,7 +544,10 @@ export class Qcow2Image implements BlockDevice {
 
   private checkRange(offset: number, length: number): void {
     if (offset < 0 || length < 0 || offset + length > this.size) {
-      throw new QcowError("invalid-argument", `Request of ${length} bytes at ${offset} is beyond the end of the image (${this.size})`);
+      throw new QcowError(
+        "invalid-argument",
+        `Request of ${length} bytes at ${offset} is beyond the end of the image (${this.size})`,
+      );
     }
   }
 
@@ -548,7 +602,12 @@ async function readSnapshotTable(storage: Storage, h: Qcow2Header): Promise<Snap
  * Reads a variable-length table whose size is only known by decoding it: start small and grow,
  * so that an absurd entry count costs no more than what the file really holds.
  */
-async function readGrowing<T>(storage: Storage, offset: number, limit: number, decode: (buf: Uint8Array) => T): Promise<T> {
+async function readGrowing<T>(
+  storage: Storage,
+  offset: number,
+  limit: number,
+  decode: (buf: Uint8Array) => T,
+): Promise<T> {
   let n = Math.min(limit, 64 * 1024);
   for (;;) {
     const buf = new Uint8Array(n);
@@ -562,11 +621,17 @@ async function readGrowing<T>(storage: Storage, offset: number, limit: number, d
   }
 }
 
-async function readBitmapDirectory(storage: Storage, h: Qcow2Header, ext: HeaderExtensions): Promise<BitmapDirectoryEntry[]> {
+async function readBitmapDirectory(
+  storage: Storage,
+  h: Qcow2Header,
+  ext: HeaderExtensions,
+): Promise<BitmapDirectoryEntry[]> {
   const b = ext.bitmaps;
   if (!b) return [];
-  if (b.directorySize > MAX_BITMAP_DIRECTORY_BYTES) throw corrupt(`Bitmap directory too large: ${b.directorySize} bytes`);
-  if (b.directoryOffset % 2 ** h.clusterBits !== 0) throw corrupt(`Bitmap directory offset ${hex(b.directoryOffset)} is not aligned`);
+  if (b.directorySize > MAX_BITMAP_DIRECTORY_BYTES)
+    throw corrupt(`Bitmap directory too large: ${b.directorySize} bytes`);
+  if (b.directoryOffset % 2 ** h.clusterBits !== 0)
+    throw corrupt(`Bitmap directory offset ${hex(b.directoryOffset)} is not aligned`);
   const buf = new Uint8Array(b.directorySize);
   await readFull(storage, buf, b.directoryOffset);
   return decodeBitmapDirectory(buf, b.nbBitmaps, b.directoryOffset);

@@ -1,6 +1,6 @@
 /** RawImage: a plain file (or any Storage) as a BlockDevice. */
 import { QcowError } from "../errors.js";
-import { type Storage, readFull } from "../io/storage.js";
+import { readFull, type Storage } from "../io/storage.js";
 import type { BlockDevice, Extent } from "./block-device.js";
 
 const SCAN_CHUNK = 1024 * 1024;
@@ -63,15 +63,29 @@ export class RawImage implements BlockDevice {
   async *blockStatus(offset: number, length: number): AsyncIterable<Extent> {
     const end = Math.min(this.size, offset + length);
     if (offset >= end) return;
-    const runs = this.storage.dataRuns ? this.storage.dataRuns(offset, end - offset) : [{ start: offset, length: end - offset, data: true }];
+    const runs = this.storage.dataRuns
+      ? this.storage.dataRuns(offset, end - offset)
+      : [{ start: offset, length: end - offset, data: true }];
     for await (const r of runs) {
-      yield { start: r.start, length: r.length, present: true, zero: !r.data, data: r.data, depth: 0, offset: r.start, file: this.filename };
+      yield {
+        start: r.start,
+        length: r.length,
+        present: true,
+        zero: !r.data,
+        data: r.data,
+        depth: 0,
+        offset: r.start,
+        file: this.filename,
+      };
     }
   }
 
   private check(offset: number, length: number): void {
     if (offset < 0 || length < 0 || offset + length > this.size) {
-      throw new QcowError("invalid-argument", `Request of ${length} bytes at ${offset} is beyond the end of ${this.filename} (${this.size})`);
+      throw new QcowError(
+        "invalid-argument",
+        `Request of ${length} bytes at ${offset} is beyond the end of ${this.filename} (${this.size})`,
+      );
     }
   }
 }

@@ -13,7 +13,7 @@ import { corrupt, hex } from "../errors.js";
 import { view } from "../format/bytes.js";
 import type { Qcow2Header } from "../format/header.js";
 import { decodeRefcountTableEntry, getRefcount, maxRefcount, setRefcount } from "../format/tables.js";
-import { type Storage, readFull } from "../io/storage.js";
+import { readFull, type Storage } from "../io/storage.js";
 import { TableCache } from "./cache.js";
 
 /** Called when the refcount table moves; must write the header durably. */
@@ -67,7 +67,8 @@ export class Refcounts {
 
   private async block(blockOffset: number): Promise<DataView> {
     // Most lookups hit the block of the previous one: skip the LRU bookkeeping then.
-    if (blockOffset === this.lastOffset && this.lastBlock && this.blocks.peek(blockOffset) === this.lastBlock) return this.lastBlock;
+    if (blockOffset === this.lastOffset && this.lastBlock && this.blocks.peek(blockOffset) === this.lastBlock)
+      return this.lastBlock;
     const block = await this.blocks.get(blockOffset, async () => {
       const b = new Uint8Array(this.clusterSize);
       await readFull(this.storage, b, blockOffset);
@@ -90,7 +91,8 @@ export class Refcounts {
   async update(index: number, delta: number, onTableMoved: TableMoved): Promise<number> {
     const t = Math.floor(index / this.blockEntries);
     if (t >= this.table.length || this.table[t] === 0) {
-      if (delta < 0) throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would drop below zero (no refcount block)`);
+      if (delta < 0)
+        throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would drop below zero (no refcount block)`);
       await this.coverClusters(index, 1, onTableMoved);
     }
     const blockOffset = this.table[t];

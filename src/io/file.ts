@@ -33,7 +33,10 @@ export class FileStorage implements Storage {
    * `unsafe`: flush does not sync to the disk (qemu-img's cache=unsafe, its default for the
    * target of convert): fast, and durable only once the kernel writes the pages back.
    */
-  static async open(path: string, opts: { readOnly?: boolean; create?: boolean; unsafe?: boolean } = {}): Promise<FileStorage> {
+  static async open(
+    path: string,
+    opts: { readOnly?: boolean; create?: boolean; unsafe?: boolean } = {},
+  ): Promise<FileStorage> {
     const readOnly = opts.readOnly ?? true;
     const flags = readOnly ? "r" : opts.create ? "w+" : "r+";
     try {

@@ -60,7 +60,10 @@ export async function compareImages(a: BlockDevice, b: BlockDevice, opts: Compar
   const buf2 = new Uint8Array(IO_BUF_SIZE);
   const ca = new ExtentCursor(a, 0, a.size);
   const cb = new ExtentCursor(b, 0, b.size);
-  const differs = (at: number): CompareResult => ({ identical: false, messages: [...messages, `Content mismatch at offset ${at}!`] });
+  const differs = (at: number): CompareResult => ({
+    identical: false,
+    messages: [...messages, `Content mismatch at offset ${at}!`],
+  });
   let offset = 0;
   while (offset < common) {
     const ea = await ca.at(offset);

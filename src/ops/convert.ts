@@ -208,7 +208,8 @@ async function writeSparse(
   };
   for (let at = 0; at < buf.length; ) {
     const blockEnd = Math.min(buf.length, at + minSparse - ((offset + at) % minSparse));
-    const zero = blockEnd - at === minSparse || offset + blockEnd === target.size ? isZero(buf.subarray(at, blockEnd)) : false;
+    const zero =
+      blockEnd - at === minSparse || offset + blockEnd === target.size ? isZero(buf.subarray(at, blockEnd)) : false;
     if (zero !== runZero) {
       await flush(at);
       runStart = at;

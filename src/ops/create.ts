@@ -9,14 +9,14 @@ import {
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_DEFLATE,
   COMPRESSION_ZSTD,
+  encodeHeader,
   type HeaderExtensions,
   INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
   INCOMPAT_EXTL2,
   MAX_L1_BYTES,
-  QEMU_FEATURE_NAMES,
   type Qcow2Header,
-  encodeHeader,
+  QEMU_FEATURE_NAMES,
 } from "../format/header.js";
 import { setRefcount } from "../format/tables.js";
 import type { Storage } from "../io/storage.js";
@@ -40,31 +40,47 @@ export interface Qcow2CreateOptions {
 }
 
 /** qemu-img's checks, with its messages. Returns the options with defaults filled in. */
-export function validateCreateOptions(o: Qcow2CreateOptions): Required<Omit<Qcow2CreateOptions, "backingFile" | "backingFormat" | "dataFile">> &
-  Qcow2CreateOptions {
+export function validateCreateOptions(
+  o: Qcow2CreateOptions,
+): Required<Omit<Qcow2CreateOptions, "backingFile" | "backingFormat" | "dataFile">> & Qcow2CreateOptions {
   const version = o.version ?? 3;
   const clusterSize = o.clusterSize ?? 65536;
   const extendedL2 = o.extendedL2 ?? false;
   const refcountBits = o.refcountBits ?? 16;
   const v3 = "(use version=v3 or greater)";
-  if (!Number.isInteger(clusterSize) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024 || (clusterSize & (clusterSize - 1)) !== 0) {
+  if (
+    !Number.isInteger(clusterSize) ||
+    clusterSize < 512 ||
+    clusterSize > 2 * 1024 * 1024 ||
+    (clusterSize & (clusterSize - 1)) !== 0
+  ) {
     throw invalidArgument("Cluster size must be a power of two between 512 and 2048k");
   }
-  if (extendedL2 && version < 3) throw invalidArgument(`Extended L2 entries are only supported with compatibility level 1.1 and above ${v3}`);
-  if (extendedL2 && clusterSize < 16384) throw invalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
+  if (extendedL2 && version < 3)
+    throw invalidArgument(`Extended L2 entries are only supported with compatibility level 1.1 and above ${v3}`);
+  if (extendedL2 && clusterSize < 16384)
+    throw invalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
   if (o.backingFile !== undefined && (o.preallocation ?? "off") !== "off" && !extendedL2) {
     throw invalidArgument("Backing file and preallocation can only be used at the same time if extended_l2 is on");
   }
-  if (o.backingFormat !== undefined && o.backingFile === undefined) throw invalidArgument("Backing format cannot be used without backing file");
-  if (o.lazyRefcounts && version < 3) throw invalidArgument(`Lazy refcounts only supported with compatibility level 1.1 and above ${v3}`);
-  if (!Number.isInteger(refcountBits) || refcountBits < 1 || refcountBits > 64 || (refcountBits & (refcountBits - 1)) !== 0) {
+  if (o.backingFormat !== undefined && o.backingFile === undefined)
+    throw invalidArgument("Backing format cannot be used without backing file");
+  if (o.lazyRefcounts && version < 3)
+    throw invalidArgument(`Lazy refcounts only supported with compatibility level 1.1 and above ${v3}`);
+  if (
+    !Number.isInteger(refcountBits) ||
+    refcountBits < 1 ||
+    refcountBits > 64 ||
+    (refcountBits & (refcountBits - 1)) !== 0
+  ) {
     throw invalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
   }
   if (version < 3 && refcountBits !== 16) {
     throw invalidArgument(`Different refcount widths than 16 bits require compatibility level 1.1 or above ${v3}`);
   }
   if (o.dataFileRaw && o.dataFile === undefined) throw invalidArgument("data-file-raw requires data-file");
-  if (o.dataFileRaw && o.backingFile !== undefined) throw invalidArgument("Backing file and data-file-raw cannot be used at the same time");
+  if (o.dataFileRaw && o.backingFile !== undefined)
+    throw invalidArgument("Backing file and data-file-raw cannot be used at the same time");
   if (o.dataFile !== undefined && version < 3) {
     throw invalidArgument(`External data files are only supported with compatibility level 1.1 and above ${v3}`);
   }
@@ -98,7 +114,8 @@ export async function writeEmptyQcow2(storage: Storage, opts: Qcow2CreateOptions
   const refcountOrder = Math.log2(o.refcountBits);
   const l2Entries = cs / (o.extendedL2 ? 16 : 8);
   const l1Size = Math.ceil(o.size / cs / l2Entries);
-  if (l1Size * 8 > MAX_L1_BYTES) throw invalidArgument("Image size is too large for this cluster size (the L1 table would exceed 32 MiB)");
+  if (l1Size * 8 > MAX_L1_BYTES)
+    throw invalidArgument("Image size is too large for this cluster size (the L1 table would exceed 32 MiB)");
   const l1Clusters = Math.ceil((l1Size * 8) / cs);
   // Find refcount table and block counts that cover every metadata cluster, themselves included.
   const blockEntries = (cs * 8) / o.refcountBits;

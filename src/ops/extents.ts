@@ -20,6 +20,11 @@ export class ExtentCursor {
     }
     const e = this.cur;
     const skip = offset - e.start;
-    return { ...e, start: offset, length: e.length - skip, offset: e.offset === undefined ? undefined : e.offset + skip };
+    return {
+      ...e,
+      start: offset,
+      length: e.length - skip,
+      offset: e.offset === undefined ? undefined : e.offset + skip,
+    };
   }
 }

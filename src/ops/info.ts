@@ -1,10 +1,10 @@
 /** `info`: what qemu-img info reports, as data in QAPI's ImageInfo shape. */
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from "../format/bitmap.js";
 import { AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, CRYPT_LUKS } from "../format/header.js";
-import { LUKS_HEADER_BYTES, decodeLuksHeader, describeLuks } from "../format/luks.js";
+import { decodeLuksHeader, describeLuks, LUKS_HEADER_BYTES } from "../format/luks.js";
+import type { Image } from "../image/open.js";
 import type { Qcow2Image } from "../image/qcow2.js";
 import { readFull } from "../io/storage.js";
-import type { Image } from "../image/open.js";
 
 export interface SnapshotInfo {
   id: string;
