@@ -1,0 +1,246 @@
+/**
+ * Minimal, deterministic reproductions of write-path bugs that the randomized tests
+ * (write-random, write-crash, write-concurrency) found. Each test states what must hold; the
+ * storage wrapper below holds a chosen write back so that a race happens on every run.
+ */
+import assert from "node:assert/strict";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { describe, test } from "node:test";
+import { constants, deflateRawSync } from "node:zlib";
+import { nodeCodecs } from "../../src/codec/node.js";
+import { Qcow2Image } from "../../src/image/qcow2.js";
+import { MemoryStorage } from "../../src/io/memory.js";
+import type { Storage } from "../../src/io/storage.js";
+import { writeEmptyQcow2 } from "../../src/ops/create.js";
+import { buildImage, noise, qemuImg } from "./build-image.js";
+
+const KiB = 1024;
+const MiB = 1024 * KiB;
+
+function filled(n: number, v: number): Uint8Array {
+  return new Uint8Array(n).fill(v);
+}
+
+function deflate(data: Uint8Array): Uint8Array {
+  return deflateRawSync(data, { windowBits: 12, level: constants.Z_DEFAULT_COMPRESSION });
+}
+
+/** `qemu-img check --output=json` on the bytes: [corruptions + check errors, leaks, raw output]. */
+function check(
+  bytes: Uint8Array,
+  files: Record<string, Uint8Array> = {},
+): { errors: number; leaks: number; text: string } {
+  return withTempDirSync((dir) => {
+    for (const [name, b] of Object.entries(files)) writeFileSync(join(dir, name), b);
+    const file = join(dir, "image.qcow2");
+    writeFileSync(file, bytes);
+    const r = qemuImg(["check", "--output=json", file]);
+    const j = JSON.parse(r.stdout) as { corruptions?: number; leaks?: number; "check-errors"?: number };
+    return { errors: (j.corruptions ?? 0) + (j["check-errors"] ?? 0), leaks: j.leaks ?? 0, text: r.stdout + r.stderr };
+  });
+}
+
+function withTempDirSync<T>(fn: (dir: string) => T): T {
+  const dir = mkdtempSync(join(tmpdir(), "qcowkit-unit-"));
+  try {
+    return fn(dir);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+/** A storage whose writes matching a predicate wait until released. */
+class GateStorage implements Storage {
+  private gates: { match: (offset: number, length: number) => boolean; arrived: () => void; wait: Promise<void> }[] =
+    [];
+  constructor(private readonly inner: MemoryStorage) {}
+  get name() {
+    return this.inner.name;
+  }
+  get readOnly() {
+    return this.inner.readOnly;
+  }
+  /** Holds the next write matching `match`: `arrived` resolves when it is issued. */
+  hold(match: (offset: number, length: number) => boolean): { arrived: Promise<void>; release: () => void } {
+    let arrived!: () => void;
+    let release!: () => void;
+    const a = new Promise<void>((r) => (arrived = r));
+    const wait = new Promise<void>((r) => (release = r));
+    this.gates.push({ match, arrived, wait });
+    return { arrived: a, release };
+  }
+  size() {
+    return this.inner.size();
+  }
+  read(dst: Uint8Array, offset: number) {
+    return this.inner.read(dst, offset);
+  }
+  async write(src: Uint8Array, offset: number): Promise<void> {
+    const i = this.gates.findIndex((g) => g.match(offset, src.length));
+    if (i >= 0) {
+      const [g] = this.gates.splice(i, 1);
+      g.arrived();
+      await g.wait;
+    }
+    await this.inner.write(src, offset);
+  }
+  flush() {
+    return this.inner.flush();
+  }
+  truncate(size: number) {
+    return this.inner.truncate(size);
+  }
+  close() {
+    return this.inner.close();
+  }
+}
+
+async function readAt(img: Qcow2Image, offset: number, length: number): Promise<Uint8Array> {
+  const b = new Uint8Array(length);
+  await img.read(b, offset);
+  return b;
+}
+
+describe("write path regressions", () => {
+  test("compressed data is never packed into a cluster freed and reallocated since", async () => {
+    const cs = 4 * KiB;
+    const s = new MemoryStorage();
+    await writeEmptyQcow2(s, { size: 1 * MiB, clusterSize: cs });
+    const img = await Qcow2Image.open(s, { readOnly: false, codecs: nodeCodecs });
+    // Compressed data starts a host cluster H and leaves room after it.
+    await img.writeCompressed(0, deflate(filled(cs, 7)));
+    // Overwriting guest cluster 0 frees H; the flush applies the decrement.
+    await img.write(filled(cs, 1), 0);
+    await img.flush();
+    // H is the first free cluster again: guest cluster 1's data goes there.
+    await img.write(filled(cs, 2), cs);
+    // The next compressed cluster must not go into the rest of H.
+    await img.writeCompressed(2, deflate(filled(cs, 9)));
+    await img.flush();
+    assert.deepEqual(await readAt(img, cs, cs), filled(cs, 2), "guest cluster 1 keeps its data");
+    assert.deepEqual(await readAt(img, 2 * cs, cs), filled(cs, 9));
+    await img.close();
+    const c = check(s.bytes());
+    assert.equal(c.errors, 0, c.text);
+    assert.equal(c.leaks, 0, c.text);
+  });
+
+  test("refcount_bits=1: two compressed clusters do not share a host cluster (its refcount cannot reach 2)", async () => {
+    const cs = 4 * KiB;
+    const s = new MemoryStorage();
+    await writeEmptyQcow2(s, { size: 1 * MiB, clusterSize: cs, refcountBits: 1 });
+    const img = await Qcow2Image.open(s, { readOnly: false, codecs: nodeCodecs });
+    await img.writeCompressed(0, deflate(filled(cs, 7)));
+    await img.writeCompressed(1, deflate(filled(cs, 8)));
+    assert.deepEqual(await readAt(img, 0, cs), filled(cs, 7));
+    assert.deepEqual(await readAt(img, cs, cs), filled(cs, 8));
+    await img.close();
+    const c = check(s.bytes());
+    assert.equal(c.errors + c.leaks, 0, c.text);
+  });
+
+  test("a compressed cluster written where an earlier compressed cluster was reads its own data", async () => {
+    const cs = 4 * KiB;
+    const s = new MemoryStorage();
+    await writeEmptyQcow2(s, { size: 1 * MiB, clusterSize: cs });
+    const img = await Qcow2Image.open(s, { readOnly: false, codecs: nodeCodecs });
+    // A: about half a cluster compressed, at the start of host cluster H; read it (cached).
+    const a = new Uint8Array(cs);
+    a.set(noise(2000, 1));
+    await img.writeCompressed(0, deflate(a));
+    assert.deepEqual(await readAt(img, 0, cs), a);
+    // Free H, then B, too large for the rest of H, starts a new host cluster: H again.
+    await img.write(filled(cs, 1), 0);
+    await img.flush();
+    const b = new Uint8Array(cs);
+    b.set(noise(2200, 2));
+    await img.writeCompressed(1, deflate(b));
+    assert.deepEqual(await readAt(img, cs, cs), b, "guest cluster 1 reads B, not the cached A");
+    await img.close();
+  });
+
+  test("v3 image with 512-byte clusters and a backing file can be created (QEMU leaves out the feature table)", async () => {
+    const backing = buildImage({
+      size: 1 * MiB,
+      clusterBits: 16,
+      clusters: [{ guestCluster: 0, kind: "data", data: filled(64 * KiB, 5) }],
+    });
+    for (const clusterSize of [512, 1024]) {
+      const s = new MemoryStorage();
+      await writeEmptyQcow2(s, { size: 1 * MiB, clusterSize, backingFile: "backing.qcow2", backingFormat: "qcow2" });
+      const c = check(s.bytes(), { "backing.qcow2": backing.bytes });
+      assert.equal(c.errors + c.leaks, 0, c.text);
+      const img = await Qcow2Image.open(s, {
+        readOnly: true,
+        backing: await Qcow2Image.open(backing.storage("backing.qcow2")),
+      });
+      assert.equal(img.backingName, "backing.qcow2");
+      assert.deepEqual(await readAt(img, 0, 512), filled(512, 5));
+      await img.close();
+    }
+  });
+
+  test("an L2 cache smaller than the dirty tables loses no table (l2CacheBytes of one table)", async () => {
+    const s = new MemoryStorage();
+    await writeEmptyQcow2(s, { size: 1 * MiB, clusterSize: 512 });
+    const img = await Qcow2Image.open(s, { readOnly: false, l2CacheBytes: 512 });
+    // 64 KiB with 512-byte clusters spans two L2 tables (64 entries each).
+    await img.write(filled(64 * KiB, 7), 0);
+    assert.deepEqual(await readAt(img, 0, 64 * KiB), filled(64 * KiB, 7), "before close");
+    await img.close();
+    const again = await Qcow2Image.open(new MemoryStorage(s.bytes()));
+    assert.deepEqual(await readAt(again, 0, 64 * KiB), filled(64 * KiB, 7), "after reopening");
+    const c = check(s.bytes());
+    assert.equal(c.errors + c.leaks, 0, c.text);
+  });
+
+  test("copy-on-write of an allocating write does not undo a concurrent in-place write (extended L2)", async () => {
+    const cs = 64 * KiB;
+    const mem = new MemoryStorage();
+    await writeEmptyQcow2(mem, { size: 1 * MiB, clusterSize: cs, extendedL2: true });
+    const g = new GateStorage(mem);
+    const img = await Qcow2Image.open(g, { readOnly: false });
+    // Subcluster 0 (2 KiB) allocated.
+    await img.write(filled(2048, 0x11), 0);
+    // B touches subclusters 0 (allocated) and 1 (not): an allocating write whose COW copies
+    // subcluster 0. Hold its data write after it has read what it copies.
+    const held = g.hold((_offset, length) => length === 4096);
+    const b = img.write(filled(1000, 0x22), 1500);
+    await held.arrived;
+    // A writes bytes B does not cover, in place into subcluster 0.
+    await img.write(filled(10, 0x33), 100);
+    held.release();
+    await b;
+    assert.deepEqual(await readAt(img, 100, 10), filled(10, 0x33), "A's bytes survive B's copy-on-write");
+    assert.deepEqual(await readAt(img, 1500, 1000), filled(1000, 0x22));
+    await img.close();
+  });
+
+  test("copy-on-write of an allocating write does not undo a concurrent in-place write (whole clusters)", async () => {
+    const cs = 4 * KiB;
+    const mem = new MemoryStorage();
+    await writeEmptyQcow2(mem, { size: 1 * MiB, clusterSize: cs });
+    const g = new GateStorage(mem);
+    const img = await Qcow2Image.open(g, { readOnly: false });
+    // C allocates guest cluster 1; hold its data write so that B queues behind it.
+    const heldC = g.hold((_offset, length) => length === cs);
+    const c = img.write(filled(100, 0x44), cs);
+    await heldC.arrived;
+    // B found cluster 1 unallocated: it waits for C, then finds it allocated and copies it.
+    const heldB = g.hold((_offset, length) => length === cs);
+    const b = img.write(filled(500, 0x22), cs + 1000);
+    heldC.release();
+    await c;
+    await heldB.arrived;
+    // A writes in place into cluster 1, bytes that B does not cover.
+    await img.write(filled(10, 0x33), cs + 3000);
+    heldB.release();
+    await b;
+    assert.deepEqual(await readAt(img, cs + 3000, 10), filled(10, 0x33), "A's bytes survive B's copy-on-write");
+    assert.deepEqual(await readAt(img, cs, 100), filled(100, 0x44));
+    assert.deepEqual(await readAt(img, cs + 1000, 500), filled(500, 0x22));
+    await img.close();
+  });
+});
