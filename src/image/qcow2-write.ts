@@ -14,8 +14,9 @@
  */
 import { corrupt, QcowError, unsupported } from "../errors.js";
 import { view } from "../format/bytes.js";
-import { AUTOCLEAR_KNOWN, encodeHeader, INCOMPAT_DIRTY } from "../format/header.js";
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, encodeHeader, INCOMPAT_DIRTY } from "../format/header.js";
 import { ClusterType, encodeCompressed, encodeL1Entry, encodeStandardL2, type L2Entry } from "../format/tables.js";
+import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts } from "./refcount.js";
@@ -33,6 +34,8 @@ export class Qcow2Writer {
   /** In-place data writes in flight: released clusters are not freed while any run. */
   private inflight = 0;
   private closed = false;
+  /** Enabled persistent bitmaps, kept in step with writes. */
+  private bitmaps: BitmapTracker | undefined;
 
   private constructor(
     private readonly img: Qcow2Image,
@@ -49,10 +52,11 @@ export class Qcow2Writer {
         `${img.filename} has the dirty bit set (lazy refcounts not written back); its refcounts must be repaired before it can be written`,
       );
     }
-    if (img.bitmaps.length > 0) {
-      throw unsupported(`${img.filename} has persistent bitmaps; writing such images is not supported yet`);
-    }
     const w = new Qcow2Writer(img, await Refcounts.open(img.storage, h));
+    // Bitmaps whose consistency bit is clear are stale already; they are left as they are.
+    if (img.bitmaps.length > 0 && img.extensions.bitmaps && h.autoclearFeatures & AUTOCLEAR_BITMAPS) {
+      w.bitmaps = new BitmapTracker(img.storage, img.bitmaps, img.extensions.bitmaps.directoryOffset, img.clusterSize, img.size);
+    }
     if (h.autoclearFeatures & ~AUTOCLEAR_KNOWN) {
       h.autoclearFeatures &= AUTOCLEAR_KNOWN;
       await w.writeHeader();
@@ -157,8 +161,16 @@ export class Qcow2Writer {
 
   // ---- write -----------------------------------------------------------------------------
 
+  /** Every change of guest data: tracked bitmaps are marked in_use first, then the range noted. */
+  private async changing(offset: number, length: number): Promise<void> {
+    if (!this.bitmaps) return;
+    await this.bitmaps.beforeWrite();
+    this.bitmaps.record(offset, length);
+  }
+
   async write(src: Uint8Array, offset: number): Promise<void> {
     this.checkOpen();
+    await this.changing(offset, src.length);
     const cs = this.cs;
     const end = offset + src.length;
     const jobs: Promise<void>[] = [];
@@ -314,6 +326,7 @@ export class Qcow2Writer {
 
   async writeZeroes(offset: number, length: number, unmap: boolean): Promise<void> {
     this.checkOpen();
+    await this.changing(offset, length);
     const img = this.img;
     const canFlag = img.header.version >= 3;
     const unit = img.extendedL2 ? img.subclusterSize : this.cs;
@@ -338,6 +351,7 @@ export class Qcow2Writer {
 
   async discard(offset: number, length: number): Promise<void> {
     this.checkOpen();
+    await this.changing(offset, length);
     const img = this.img;
     const unit = img.extendedL2 ? img.subclusterSize : this.cs;
     const end = offset + length;
@@ -426,6 +440,7 @@ export class Qcow2Writer {
   async writeCompressed(gc: number, data: Uint8Array): Promise<void> {
     this.checkOpen();
     if (this.img.dataFile) throw unsupported("Compressed clusters are not supported with an external data file");
+    await this.changing(gc * this.cs, this.cs);
     await this.locks.run(gc, gc + 1, async () => {
       const old = await this.entry(gc);
       const at = await this.meta.run(() => this.allocateBytes(data.length));
@@ -569,6 +584,13 @@ export class Qcow2Writer {
   async close(): Promise<void> {
     if (this.closed) return;
     await this.flush();
+    if (this.bitmaps) {
+      await this.bitmaps.store(
+        () => this.meta.run(() => this.refcounts.allocate(1, this.tableMoved)),
+        () => this.meta.run(() => this.flushMetadata()),
+      );
+      await this.flush();
+    }
     this.closed = true;
   }
 
