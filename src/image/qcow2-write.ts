@@ -14,7 +14,7 @@
  */
 import { corrupt, QcowError, unsupported } from "../errors.js";
 import { view } from "../format/bytes.js";
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, encodeHeader, INCOMPAT_DIRTY } from "../format/header.js";
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, encodeHeader, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from "../format/header.js";
 import { ClusterType, encodeCompressed, encodeL1Entry, encodeStandardL2, type L2Entry } from "../format/tables.js";
 import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks } from "./lock.js";
@@ -34,6 +34,8 @@ export class Qcow2Writer {
   /** In-place data writes in flight: released clusters are not freed while any run. */
   private inflight = 0;
   private closed = false;
+  /** Set once an inconsistency was found: the image is marked corrupt and writes stop. */
+  private corruption: string | undefined;
   /** Enabled persistent bitmaps, kept in step with writes. */
   private bitmaps: BitmapTracker | undefined;
 
@@ -583,6 +585,11 @@ export class Qcow2Writer {
 
   async close(): Promise<void> {
     if (this.closed) return;
+    if (this.corruption) {
+      // Nothing more is written to an image found corrupt.
+      this.closed = true;
+      return;
+    }
     await this.flush();
     if (this.bitmaps) {
       await this.bitmaps.store(
@@ -596,5 +603,17 @@ export class Qcow2Writer {
 
   private checkOpen(): void {
     if (this.closed) throw new QcowError("invalid-argument", `${this.img.filename} is closed`);
+    if (this.corruption) throw corrupt(`qcow2: Image is corrupt; further writes refused (${this.corruption})`);
+  }
+
+  /**
+   * An inconsistency found while writing (QEMU's qcow2_signal_corruption): set the corrupt bit
+   * on disk so no one writes the image before it is checked, and refuse further writes here.
+   */
+  async markCorrupt(reason: string): Promise<void> {
+    if (this.corruption) return;
+    this.corruption = reason;
+    this.img.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
+    await this.writeHeader();
   }
 }

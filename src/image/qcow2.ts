@@ -515,26 +515,34 @@ export class Qcow2Image implements BlockDevice {
 
   async write(src: Uint8Array, offset: number): Promise<void> {
     this.checkRange(offset, src.length);
-    await this.writable().write(src, offset);
+    await this.guarded((w) => w.write(src, offset));
   }
 
   async writeZeroes(offset: number, length: number, opts: { unmap?: boolean } = {}): Promise<void> {
     this.checkRange(offset, length);
-    await this.writable().writeZeroes(offset, length, opts.unmap ?? false);
+    await this.guarded((w) => w.writeZeroes(offset, length, opts.unmap ?? false));
   }
 
   async discard(offset: number, length: number): Promise<void> {
     this.checkRange(offset, length);
-    await this.writable().discard(offset, length);
+    await this.guarded((w) => w.discard(offset, length));
   }
 
   /** Stores one whole guest cluster compressed (`data` is what the codec produced). */
   async writeCompressed(guestCluster: number, data: Uint8Array): Promise<void> {
-    this.checkRange(
-      guestCluster * this.clusterSize,
-      Math.min(this.clusterSize, this.size - guestCluster * this.clusterSize),
-    );
-    await this.writable().writeCompressed(guestCluster, data);
+    this.checkRange(guestCluster * this.clusterSize, Math.min(this.clusterSize, this.size - guestCluster * this.clusterSize));
+    await this.guarded((w) => w.writeCompressed(guestCluster, data));
+  }
+
+  /** Runs a write-side operation; an inconsistency it finds marks the image corrupt. */
+  private async guarded(op: (w: Qcow2Writer) => Promise<void>): Promise<void> {
+    const w = this.writable();
+    try {
+      await op(w);
+    } catch (e) {
+      if (e instanceof QcowError && e.code === "corrupt") await w.markCorrupt(e.message);
+      throw e;
+    }
   }
 
   private writable(): Qcow2Writer {
@@ -552,7 +560,7 @@ export class Qcow2Image implements BlockDevice {
   }
 
   async flush(): Promise<void> {
-    if (this.writer) await this.writer.flush();
+    if (this.writer) await this.guarded((w) => w.flush());
   }
 
   async close(): Promise<void> {
