@@ -24,7 +24,7 @@ import { describe, test } from "node:test";
 import type { Qcow2Image } from "../../src/image/qcow2.js";
 import { FileStorage, openImageFile } from "../../src/node.js";
 import { type Qcow2CreateOptions, writeEmptyQcow2 } from "../../src/ops/create.js";
-import { qemuImg, qemuImgOk, qemuIo, sizes, useTempDir, writeSparseRaw } from "./util.js";
+import { qcowkit, qemuImg, qemuImgOk, qemuIo, sizes, useTempDir, writeSparseRaw } from "./util.js";
 
 const { KiB, MiB } = sizes;
 
@@ -102,7 +102,8 @@ interface CheckReport {
 
 /** `qemu-img check --output=json`; fails unless there are no errors, corruptions or leaks. */
 async function assertQemuCheckClean(file: string, what: string): Promise<void> {
-  const r = await qemuImg(["check", "--output=json", file]);
+  // From the image's directory: QEMU 7.2 opens a relative external data file name from there.
+  const r = await qemuImg(["check", "--output=json", file], { cwd: path.dirname(file) });
   let report: CheckReport;
   try {
     report = JSON.parse(r.stdout) as CheckReport;
@@ -122,10 +123,10 @@ async function assertImageHolds(file: string, expected: Uint8Array, dir: string,
   const ref = path.join(dir, "expected.raw");
   const out = path.join(dir, "converted.raw");
   await fs.writeFile(ref, expected);
-  const cmp = await qemuImg(["compare", "-f", "qcow2", "-F", "raw", file, ref]);
+  const cmp = await qemuImg(["compare", "-f", "qcow2", "-F", "raw", file, ref], { cwd: dir });
   assert.equal(cmp.code, 0, `${what}: qemu-img compare against the reference: ${cmp.stdout}${cmp.stderr}`);
   assert.equal(cmp.stdout, "Images are identical.\n", `${what}: qemu-img compare`);
-  await qemuImgOk(["convert", "-O", "raw", file, out]);
+  await qemuImgOk(["convert", "-O", "raw", file, out], { cwd: dir });
   const converted = new Uint8Array(await fs.readFile(out));
   const d1 = firstDiff(expected, converted);
   assert.equal(d1, undefined, `${what}: qemu-img convert -O raw differs from the reference: ${d1}`);
@@ -291,6 +292,10 @@ interface Case {
   refcountBits: number;
   extendedL2: boolean;
   backing: boolean;
+  /** Made with `qcowkit create -f qcow2 -o OPTIONS` (with these options) instead of writeEmptyQcow2. */
+  cli?: string;
+  /** The image has an external data file data.raw that must hold the guest data (data_file_raw). */
+  rawDataFile?: boolean;
 }
 
 function cases(): Case[] {
@@ -305,6 +310,28 @@ function cases(): Case[] {
       }
     }
   }
+  // Images made by `qcowkit create` with the options that change how writes are stored.
+  const v3 = { version: 3 as const, refcountBits: 16, extendedL2: false, backing: false };
+  out.push({ ...v3, clusterSize: 64 * KiB, cli: "lazy_refcounts=on" });
+  out.push({ ...v3, clusterSize: 64 * KiB, cli: "data_file=data.raw" });
+  out.push({ ...v3, clusterSize: 64 * KiB, cli: "data_file=data.raw,data_file_raw=on", rawDataFile: true });
+  out.push({ ...v3, clusterSize: 4 * KiB, cli: "preallocation=metadata,cluster_size=4k" });
+  out.push({ ...v3, clusterSize: 64 * KiB, cli: "preallocation=full,compression_type=zstd" });
+  out.push({
+    ...v3,
+    clusterSize: 64 * KiB,
+    extendedL2: true,
+    backing: true,
+    cli: "extended_l2=on,preallocation=metadata",
+  });
+  out.push({
+    version: 2,
+    refcountBits: 16,
+    extendedL2: false,
+    backing: false,
+    clusterSize: 64 * KiB,
+    cli: "compat=0.10,preallocation=metadata",
+  });
   return out;
 }
 
@@ -315,7 +342,7 @@ function caseName(c: Case): string {
       : c.clusterSize >= KiB
         ? `${c.clusterSize / KiB}k`
         : `${c.clusterSize}`;
-  return `v${c.version} cluster_size=${cs} refcount_bits=${c.refcountBits}${c.extendedL2 ? " extended_l2" : ""}${c.backing ? " over a backing file" : ""}`;
+  return `v${c.version} cluster_size=${cs} refcount_bits=${c.refcountBits}${c.extendedL2 ? " extended_l2" : ""}${c.backing ? " over a backing file" : ""}${c.cli ? ` (qcowkit create -o ${c.cli})` : ""}`;
 }
 
 /** A qcow2 backing file with random data in random places, made by qemu-img from a raw file. */
@@ -385,11 +412,22 @@ describe("random writes, zero writes and discards on images qcowkit creates", ()
           opts.backingFile = "backing.qcow2";
           opts.backingFormat = "qcow2";
         }
-        const storage = await FileStorage.open(file, { readOnly: false, create: true });
-        try {
-          await writeEmptyQcow2(storage, opts);
-        } finally {
-          await storage.close();
+        if (c.cli !== undefined) {
+          const backingArgs = c.backing ? ["-b", "backing.qcow2", "-F", "qcow2"] : [];
+          const r = await qcowkit(
+            ["create", "-q", "-f", "qcow2", "-o", c.cli, ...backingArgs, "image.qcow2", String(size)],
+            {
+              cwd: dir,
+            },
+          );
+          assert.equal(r.code, 0, `qcowkit create -o ${c.cli}: ${r.stderr}`);
+        } else {
+          const storage = await FileStorage.open(file, { readOnly: false, create: true });
+          try {
+            await writeEmptyQcow2(storage, opts);
+          } finally {
+            await storage.close();
+          }
         }
         await assertQemuCheckClean(file, "the new image");
         const expected = backing ? backing.slice() : new Uint8Array(size);
@@ -405,6 +443,11 @@ describe("random writes, zero writes and discards on images qcowkit creates", ()
         const img = await runWorkload({ r, layout, expected, open, ops, log }, await open());
         await img.close();
         await assertImageHolds(file, expected, dir, caseName(c));
+        if (c.rawDataFile) {
+          // data_file_raw: the data file is itself a raw image of the guest disk.
+          const d = firstDiff(expected, new Uint8Array(await fs.readFile(path.join(dir, "data.raw"))));
+          assert.equal(d, undefined, `data.raw (data_file_raw=on) does not hold the guest data: ${d}`);
+        }
       });
     });
   }

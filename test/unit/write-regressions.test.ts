@@ -4,7 +4,7 @@
  * storage wrapper below holds a chosen write back so that a race happens on every run.
  */
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
@@ -13,6 +13,7 @@ import { nodeCodecs } from "../../src/codec/node.js";
 import { Qcow2Image } from "../../src/image/qcow2.js";
 import { MemoryStorage } from "../../src/io/memory.js";
 import type { Storage } from "../../src/io/storage.js";
+import { FileStorage, openImageFile } from "../../src/node.js";
 import { writeEmptyQcow2 } from "../../src/ops/create.js";
 import { buildImage, noise, qemuImg } from "./build-image.js";
 
@@ -146,17 +147,19 @@ describe("write path regressions", () => {
     const s = new MemoryStorage();
     await writeEmptyQcow2(s, { size: 1 * MiB, clusterSize: cs });
     const img = await Qcow2Image.open(s, { readOnly: false, codecs: nodeCodecs });
-    // A: about half a cluster compressed, at the start of host cluster H; read it (cached).
+    // A: about half a cluster compressed, at the start of host cluster H; read part of it (a
+    // partial read keeps the decompressed cluster in the cache).
     const a = new Uint8Array(cs);
     a.set(noise(2000, 1));
     await img.writeCompressed(0, deflate(a));
-    assert.deepEqual(await readAt(img, 0, cs), a);
+    assert.deepEqual(await readAt(img, 0, 512), a.subarray(0, 512));
     // Free H, then B, too large for the rest of H, starts a new host cluster: H again.
     await img.write(filled(cs, 1), 0);
     await img.flush();
     const b = new Uint8Array(cs);
     b.set(noise(2200, 2));
     await img.writeCompressed(1, deflate(b));
+    assert.deepEqual(await readAt(img, cs, 512), b.subarray(0, 512), "guest cluster 1 reads B, not the cached A");
     assert.deepEqual(await readAt(img, cs, cs), b, "guest cluster 1 reads B, not the cached A");
     await img.close();
   });
@@ -242,5 +245,30 @@ describe("write path regressions", () => {
     assert.deepEqual(await readAt(img, cs, 100), filled(100, 0x44));
     assert.deepEqual(await readAt(img, cs + 1000, 500), filled(500, 0x22));
     await img.close();
+  });
+
+  test("data_file_raw: a discarded range reads as zeros in the raw data file too", async () => {
+    const dir = mkdtempSync(join(tmpdir(), "qcowkit-unit-"));
+    try {
+      const file = join(dir, "image.qcow2");
+      const data = join(dir, "data.raw");
+      const s = await FileStorage.open(file, { readOnly: false, create: true });
+      await writeEmptyQcow2(s, { size: 1 * MiB, dataFile: "data.raw", dataFileRaw: true });
+      await s.close();
+      writeFileSync(data, new Uint8Array(1 * MiB));
+      const img = (await openImageFile(file, { readOnly: false })) as Qcow2Image;
+      await img.writer?.preallocate(false);
+      await img.write(filled(64 * KiB, 0x55), 0);
+      await img.discard(0, 64 * KiB);
+      assert.deepEqual(await readAt(img, 0, 16), filled(16, 0), "the guest reads zeros");
+      await img.close();
+      assert.deepEqual(
+        new Uint8Array(readFileSync(data).subarray(0, 64 * KiB)),
+        filled(64 * KiB, 0),
+        "data.raw is the guest disk",
+      );
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
