@@ -256,7 +256,8 @@ const convertCmd: Command = {
         minSparse,
         parallel,
         targetZeroed,
-        outOfOrder: Boolean(v.W),
+        // Order only matters where writes allocate (the layout of a new qcow2 image).
+        outOfOrder: Boolean(v.W) || out.format === "raw",
         topLayerOnly: str(v, "B") !== undefined,
         compressor,
         onProgress: (f) => progress.update(f),

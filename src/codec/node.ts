@@ -26,12 +26,18 @@ export const nodeZlib: Codec = {
 };
 
 // The native binding is CommonJS that assigns a .node module; load it the CommonJS way.
-const zstd = createRequire(import.meta.url)("zstd-napi/binding.js") as typeof ZstdBinding;
+// Loaded on first use: most commands never meet a zstd cluster, and start-up time counts.
+let binding: typeof ZstdBinding | undefined;
+function zstdBinding(): typeof ZstdBinding {
+  binding ??= createRequire(import.meta.url)("zstd-napi/binding.js") as typeof ZstdBinding;
+  return binding;
+}
 let dctx: ZstdBinding.DCtx | undefined;
 
 export const nodeZstd: Codec = {
   name: "zstd",
   async decompress(src, dst) {
+    const zstd = zstdBinding();
     dctx ??= new zstd.DCtx();
     // As QEMU does: stream frames until the cluster is full; trailing bytes are ignored.
     let inAt = 0;
@@ -72,6 +78,7 @@ let zstdOut: Uint8Array | undefined;
 
 /** zstd at its default level 3, as QEMU's qcow2_zstd_compress. */
 export function compressZstd(src: Uint8Array): Uint8Array | undefined {
+  const zstd = zstdBinding();
   cctx ??= new zstd.CCtx();
   const bound = zstd.compressBound(src.length);
   if (!zstdOut || zstdOut.length < bound) zstdOut = new Uint8Array(bound);

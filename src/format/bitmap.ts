@@ -1,6 +1,6 @@
 /** The persistent bitmap directory and bitmap tables (docs/interop/qcow2.rst, "Bitmaps"). */
 import { corrupt, hex } from "../errors.js";
-import { getU64, setU64, textDecoder, textEncoder, view } from "./bytes.js";
+import { getU64, setU64, textDecoder, textEncoder, view, concatBytes } from "./bytes.js";
 
 /** QEMU's limits (block/qcow2.h). */
 export const MAX_BITMAPS = 65535;
@@ -67,13 +67,7 @@ export function encodeBitmapDirectory(entries: BitmapDirectoryEntry[]): Uint8Arr
     b8.set(name, ENTRY_FIXED + b.extra.length);
     return b8;
   });
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
+  return concatBytes(parts);
 }
 
 /** A bitmap table entry: a data cluster offset, or (offset 0) all zeros / all ones. */

@@ -31,3 +31,13 @@ export const textEncoder = new TextEncoder();
 
 export const alignUp = (n: number, a: number): number => Math.ceil(n / a) * a;
 export const isAligned = (n: number, a: number): boolean => n % a === 0;
+
+export function concatBytes(parts: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
+  let at = 0;
+  for (const p of parts) {
+    out.set(p, at);
+    at += p.length;
+  }
+  return out;
+}

@@ -1,6 +1,6 @@
 /** The internal snapshot table (docs/interop/qcow2.rst, "Snapshots"). */
 import { corrupt, hex, truncated } from "../errors.js";
-import { getU64, setU64, textDecoder, textEncoder, view } from "./bytes.js";
+import { getU64, setU64, textDecoder, textEncoder, view, concatBytes } from "./bytes.js";
 
 /** QEMU's limits (block/qcow2.h): extra data per entry, and the whole table. */
 export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
@@ -95,11 +95,5 @@ export function encodeSnapshotTable(snapshots: Snapshot[], version: number): Uin
     b.set(name, ENTRY_FIXED + extra.length + id.length);
     return b;
   });
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
+  return concatBytes(parts);
 }

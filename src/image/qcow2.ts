@@ -366,9 +366,19 @@ export class Qcow2Image implements BlockDevice {
         await this.readBacking(dst, guestOffset);
         return;
       case SubclusterType.Compressed: {
-        const cluster = await this.decompressCluster(run.compressed as { offset: number; size: number });
+        const c = run.compressed as { offset: number; size: number };
         const within = guestOffset % this.clusterSize;
-        dst.set(cluster.subarray(within, within + dst.length));
+        if (within === 0 && dst.length === this.clusterSize && !this.compressedCache.peek(c.offset)) {
+          // A whole cluster: decompress straight into the caller's buffer, nothing kept.
+          await this.decompressInto(c, dst);
+        } else {
+          const cluster = await this.compressedCache.get(c.offset, async () => {
+            const out = new Uint8Array(this.clusterSize);
+            await this.decompressInto(c, out);
+            return out;
+          });
+          dst.set(cluster.subarray(within, within + dst.length));
+        }
         return;
       }
     }
@@ -382,19 +392,13 @@ export class Qcow2Image implements BlockDevice {
     dst.fill(0, inBacking);
   }
 
-  private async decompressCluster(c: { offset: number; size: number }): Promise<Uint8Array> {
-    return this.compressedCache.get(c.offset, async () => {
-      if (!this.codec) {
-        throw unsupported(
-          `No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`,
-        );
-      }
-      const src = new Uint8Array(c.size);
-      await readFull(this.storage, src, c.offset);
-      const out = new Uint8Array(this.clusterSize);
-      await this.codec.decompress(src, out);
-      return out;
-    });
+  private async decompressInto(c: { offset: number; size: number }, out: Uint8Array): Promise<void> {
+    if (!this.codec) {
+      throw unsupported(`No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`);
+    }
+    const src = new Uint8Array(c.size);
+    await readFull(this.storage, src, c.offset);
+    await this.codec.decompress(src, out);
   }
 
   /**
