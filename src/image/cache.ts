@@ -56,8 +56,13 @@ export class TableCache<V extends { byteLength: number }> {
     this.evict();
   }
 
-  markDirty(key: number): void {
-    if (this.entries.has(key)) this.dirty.add(key);
+  /** Marks `key` dirty, putting `value` back first if it was evicted meanwhile. */
+  markDirty(key: number, value?: V): void {
+    if (!this.entries.has(key)) {
+      if (value === undefined) return;
+      this.put(key, value);
+    }
+    this.dirty.add(key);
   }
 
   markClean(key: number): void {
@@ -93,10 +98,16 @@ export class TableCache<V extends { byteLength: number }> {
     this.bytes = 0;
   }
 
+  /**
+   * Drops least recently used clean entries until the budget holds. The most recent entry always
+   * stays: its caller is about to use it (and perhaps mark it dirty).
+   */
   private evict(): void {
     if (this.bytes <= this.budget) return;
+    let newest: number | undefined;
+    for (const k of this.entries.keys()) newest = k;
     for (const [k, e] of this.entries) {
-      if (this.bytes <= this.budget || this.entries.size <= 1) break;
+      if (this.bytes <= this.budget || k === newest) break;
       if (this.dirty.has(k)) continue;
       this.entries.delete(k);
       this.bytes -= e.byteLength;

@@ -14,8 +14,8 @@
  */
 import { corrupt, QcowError, unsupported } from "../errors.js";
 import { view } from "../format/bytes.js";
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_KNOWN, encodeHeader, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from "../format/header.js";
-import { ClusterType, encodeCompressed, encodeL1Entry, encodeStandardL2, type L2Entry } from "../format/tables.js";
+import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, encodeHeader, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from "../format/header.js";
+import { ClusterType, encodeCompressed, encodeL1Entry, encodeStandardL2, type L2Entry, maxRefcount } from "../format/tables.js";
 import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
@@ -79,6 +79,10 @@ export class Qcow2Writer {
     await this.writeHeader();
   };
 
+  private get dataFileRaw(): boolean {
+    return this.img.dataFile !== undefined && (this.img.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
+  }
+
   private get dataStorage() {
     return this.img.dataFile ?? this.img.storage;
   }
@@ -118,8 +122,7 @@ export class Qcow2Writer {
       table.set(new Uint8Array(src.buffer, src.byteOffset, src.byteLength));
       this.refcounts.release(old / this.cs);
     }
-    img.l2Cache.put(offset, view(table));
-    img.l2Cache.markDirty(offset);
+    img.l2Cache.markDirty(offset, view(table));
     img.l1[l1Index] = offset;
     img.l1Copied[l1Index] = 1;
     this.l1Dirty.add(l1Index);
@@ -139,7 +142,7 @@ export class Qcow2Writer {
       table.setUint32(at + 8, zero >>> 0);
       table.setUint32(at + 12, alloc >>> 0);
     }
-    img.l2Cache.markDirty(l2Offset);
+    img.l2Cache.markDirty(l2Offset, table);
   }
 
   /** Drops this entry's reference to its host cluster(s); the decrement waits for write-back. */
@@ -210,6 +213,10 @@ export class Qcow2Writer {
     await this.maybeWriteBack();
   }
 
+  /**
+   * Overwrites clusters the image owns: no lock, no metadata. An allocating write that finds
+   * such a cluster writes only its own bytes there, so the two never undo each other.
+   */
   private async writeInPlace(data: Uint8Array, host: number): Promise<void> {
     this.inflight++;
     try {
@@ -241,27 +248,46 @@ export class Qcow2Writer {
         let next = 0;
         for (let i = 0; i < keep.length; i++) hosts.push(keep[i] ? (entries[i] as L2Entry).hostOffset : base[next++]);
       });
-      // Build each cluster's new contents and write runs that are contiguous on the host.
+      // What to write in each cluster: a new or zero-flagged cluster is written whole (copying
+      // what the guest sees around the request); in a cluster the image already owns only the
+      // request's own bytes are written — and whole subclusters where they are not allocated yet.
       const sc = img.subclusterSize;
       const pieces: { gc: number; from: number; to: number; host: number }[] = [];
+      const add = (gc: number, from: number, to: number, host: number): void => {
+        const last = pieces[pieces.length - 1];
+        if (last && last.gc === gc && last.to === from) last.to = to;
+        else pieces.push({ gc, from, to, host });
+      };
       for (let i = 0; i < keep.length; i++) {
         const gc = c0 + i;
         const cStart = gc * cs;
         const cEnd = Math.min(cStart + cs, img.size);
         const wFrom = Math.max(offset, cStart);
         const wTo = Math.min(end, cEnd);
+        const e = entries[i];
+        const at = (guest: number): number => hosts[i] + (guest - cStart);
+        if (keep[i] && e?.type === ClusterType.Normal) {
+          if (!img.extendedL2) {
+            add(gc, wFrom, wTo, at(wFrom));
+            continue;
+          }
+          for (let s0 = Math.floor((wFrom - cStart) / sc); cStart + s0 * sc < wTo; s0++) {
+            const scStart = cStart + s0 * sc;
+            const scEnd = Math.min(cEnd, scStart + sc);
+            const allocated = ((e.allocMask >>> s0) & 1) === 1;
+            const from = allocated ? Math.max(wFrom, scStart) : scStart;
+            add(gc, from, allocated ? Math.min(wTo, scEnd) : scEnd, at(from));
+          }
+          continue;
+        }
         let from = cStart;
         let to = cEnd;
-        const e = entries[i];
-        if (
-          img.extendedL2 &&
-          (!e || e.type === ClusterType.Unallocated || (keep[i] && e.type === ClusterType.Normal))
-        ) {
+        if (img.extendedL2 && (!e || e.type === ClusterType.Unallocated)) {
           // Subclusters: only the touched ones are written (and allocated).
           from = cStart + Math.floor((wFrom - cStart) / sc) * sc;
           to = Math.min(cEnd, cStart + Math.ceil((wTo - cStart) / sc) * sc);
         }
-        pieces.push({ gc, from, to, host: hosts[i] + (from - cStart) });
+        add(gc, from, to, at(from));
       }
       const writes: Promise<void>[] = [];
       for (let i = 0; i < pieces.length; ) {
@@ -275,36 +301,42 @@ export class Qcow2Writer {
         }
         const from = pieces[i].from;
         const to = pieces[j - 1].to;
-        const buf = new Uint8Array(to - from);
-        // Copy-on-write: what the guest sees now around the written part.
-        if (from < offset) await img.read(buf.subarray(0, offset - from), from);
-        if (end < to) await img.read(buf.subarray(end - from), end);
-        buf.set(
-          data.subarray(Math.max(0, from - offset), Math.min(data.length, to - offset)),
-          Math.max(0, offset - from),
-        );
+        let buf: Uint8Array;
+        if (offset <= from && to <= end) {
+          buf = data.subarray(from - offset, to - offset);
+        } else {
+          buf = new Uint8Array(to - from);
+          // Copy-on-write: what the guest sees now around the written part.
+          if (from < offset) await img.read(buf.subarray(0, offset - from), from);
+          if (end < to) await img.read(buf.subarray(end - from), end);
+          buf.set(data.subarray(Math.max(0, from - offset), Math.min(data.length, to - offset)), Math.max(0, offset - from));
+        }
         writes.push(this.dataStorage.write(buf, pieces[i].host));
         i = j;
       }
       await Promise.all(writes);
       await this.meta.run(async () => {
-        for (let i = 0; i < pieces.length; i++) {
-          const p = pieces[i];
+        for (let i = 0; i < keep.length; i++) {
+          const gc = c0 + i;
           const e = entries[i];
           const host = hosts[i];
           let alloc = 0;
           let zero = 0;
           if (img.extendedL2) {
-            const cStart = p.gc * cs;
-            const s0 = Math.floor((p.from - cStart) / sc);
-            const s1 = Math.ceil((p.to - cStart) / sc);
-            const touched = s1 - s0 === 32 ? 0xffff_ffff : ((2 ** (s1 - s0) - 1) * 2 ** s0) >>> 0;
+            const cStart = gc * cs;
+            let touched = 0;
+            for (const p of pieces) {
+              if (p.gc !== gc) continue;
+              const s0 = Math.floor((p.from - cStart) / sc);
+              const s1 = Math.ceil((p.to - cStart) / sc);
+              touched = (touched | (s1 - s0 === 32 ? 0xffff_ffff : (2 ** (s1 - s0) - 1) * 2 ** s0)) >>> 0;
+            }
             const keepBits = e && (e.type === ClusterType.Unallocated || (keep[i] && e.type === ClusterType.Normal));
             alloc = keepBits ? (e.allocMask | touched) >>> 0 : touched;
             zero = keepBits ? (e.zeroMask & ~touched) >>> 0 : 0;
           }
           const [hi, lo] = encodeStandardL2(host, true, false);
-          await this.setEntry(p.gc, hi, lo, alloc, zero);
+          await this.setEntry(gc, hi, lo, alloc, zero);
           if (!keep[i]) this.releaseEntry(e);
         }
       });
@@ -347,7 +379,7 @@ export class Qcow2Writer {
       for (const [from, to] of rest) await this.writeRealZeroes(from, to);
     }
     await partial(alignedEnd, end);
-    if (img.dataFile && img.header.autoclearFeatures & 2n) await this.writeRealZeroesToDataFile(offset, end);
+    if (this.dataFileRaw) await this.writeRealZeroesToDataFile(offset, end);
     await this.maybeWriteBack();
   }
 
@@ -364,6 +396,8 @@ export class Qcow2Writer {
     // (QEMU does the same; on v2 there is no zero flag and the backing data shows again.)
     const zero = img.backing !== undefined && img.header.version >= 3;
     await this.zeroUnits(from, to, true, zero);
+    // A raw data file is the guest disk itself: it must read as zeros there too.
+    if (this.dataFileRaw) await this.writeRealZeroesToDataFile(from, to);
     await this.maybeWriteBack();
   }
 
@@ -446,6 +480,7 @@ export class Qcow2Writer {
     await this.locks.run(gc, gc + 1, async () => {
       const old = await this.entry(gc);
       const at = await this.meta.run(() => this.allocateBytes(data.length));
+      this.img.forgetCompressed(at);
       await this.img.storage.write(data, at);
       await this.meta.run(async () => {
         const [hi, lo] = encodeCompressed(at, data.length, this.img.clusterBits);
@@ -463,14 +498,22 @@ export class Qcow2Writer {
   private async allocateBytes(size: number): Promise<number> {
     const cs = this.cs;
     let start = this.compressedEnd;
+    const current = Math.floor(start / cs);
     const room = start % cs === 0 ? 0 : cs - (start % cs);
-    if (room >= size) {
-      await this.refcounts.update(Math.floor(start / cs), 1, this.tableMoved);
+    // Share the current cluster only while it is still ours and can count one more reference
+    // (with 1-bit refcounts it never can).
+    let shareable = room > 0;
+    if (shareable) {
+      const refcount = await this.refcounts.get(current);
+      shareable = refcount > 0 && refcount < maxRefcount(this.refcounts.order);
+    }
+    if (shareable && room >= size) {
+      await this.refcounts.update(current, 1, this.tableMoved);
     } else {
-      const need = Math.ceil((size - room) / cs);
+      const need = Math.ceil((size - (shareable ? room : 0)) / cs);
       const fresh = await this.refcounts.allocate(need, this.tableMoved);
-      if (room > 0 && fresh === start + room) {
-        await this.refcounts.update(Math.floor(start / cs), 1, this.tableMoved);
+      if (shareable && fresh === start + room) {
+        await this.refcounts.update(current, 1, this.tableMoved);
       } else {
         start = fresh;
       }
@@ -551,6 +594,8 @@ export class Qcow2Writer {
     }
     await s.flush();
     if (this.refcounts.pendingReleases > 0 && this.inflight === 0) {
+      // A cluster freed here may be handed out again: never pack more compressed data into it.
+      this.compressedEnd = 0;
       await this.refcounts.applyReleases(this.tableMoved);
       await this.refcounts.writeBack();
       await s.flush();

@@ -392,6 +392,11 @@ export class Qcow2Image implements BlockDevice {
     dst.fill(0, inBacking);
   }
 
+  /** @internal New compressed data lands at `offset`: what was cached for it is stale. */
+  forgetCompressed(offset: number): void {
+    this.compressedCache.delete(offset);
+  }
+
   private async decompressInto(c: { offset: number; size: number }, out: Uint8Array): Promise<void> {
     if (!this.codec) {
       throw unsupported(`No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`);

@@ -104,7 +104,7 @@ export class Refcounts {
       throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would exceed ${maxRefcount(this.order)}`);
     }
     setRefcount(block, i, this.order, value);
-    this.blocks.markDirty(blockOffset);
+    this.blocks.markDirty(blockOffset, block);
     if (value === 0 && index < this.freeHint) this.freeHint = index;
     return value;
   }
