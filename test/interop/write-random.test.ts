@@ -389,7 +389,7 @@ describe("random writes, zero writes and discards on images qcowkit creates", ()
         const dir = tmp.file(`case-${caseIndex}`);
         await fs.mkdir(dir);
         const cs = c.clusterSize;
-        const clusters = cs >= 2 * MiB ? 10 : cs >= 64 * KiB ? 40 : cs >= 4 * KiB ? 300 : 1500;
+        const clusters = cs >= 2 * MiB ? 8 : cs >= 64 * KiB ? 40 : cs >= 4 * KiB ? 300 : 1500;
         // Sometimes a partial last cluster (sizes stay whole sectors, as QEMU rounds them).
         const size = clusters * cs + (r.chance(0.5) ? 512 * r.int(cs / 512) : 0);
         let backing: Uint8Array | undefined;
@@ -439,7 +439,7 @@ describe("random writes, zero writes and discards on images qcowkit creates", ()
           version: c.version,
           backing,
         };
-        const ops = cs >= 2 * MiB ? 120 : 250;
+        const ops = cs >= 2 * MiB ? 80 : 200;
         const img = await runWorkload({ r, layout, expected, open, ops, log }, await open());
         await img.close();
         await assertImageHolds(file, expected, dir, caseName(c));

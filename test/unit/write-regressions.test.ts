@@ -4,6 +4,7 @@
  * storage wrapper below holds a chosen write back so that a race happens on every run.
  */
 import assert from "node:assert/strict";
+import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -267,6 +268,37 @@ describe("write path regressions", () => {
         filled(64 * KiB, 0),
         "data.raw is the guest disk",
       );
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  test("one allocation of as many clusters as a refcount block covers, in space no block covers yet, ends", () => {
+    // 512-byte clusters with refcount_bits=64: a refcount block covers 64 clusters, and an L2
+    // table maps 64, so a 32 KiB write at an L2 table boundary allocates 64 clusters at once.
+    // Run in a child process: an endless loop of resolved promises would starve this one.
+    const dir = mkdtempSync(join(tmpdir(), "qcowkit-unit-"));
+    try {
+      const mod = (p: string) => JSON.stringify(new URL(`../../src/${p}`, import.meta.url).href);
+      const script = join(dir, "repro.mjs");
+      writeFileSync(
+        script,
+        [
+          `import { writeEmptyQcow2 } from ${mod("ops/create.js")};`,
+          `import { MemoryStorage } from ${mod("io/memory.js")};`,
+          `import { Qcow2Image } from ${mod("image/qcow2.js")};`,
+          "const s = new MemoryStorage();",
+          "await writeEmptyQcow2(s, { size: 4 << 20, clusterSize: 512, refcountBits: 64 });",
+          "const img = await Qcow2Image.open(s, { readOnly: false });",
+          "await img.write(new Uint8Array(32 * 1024).fill(9), 1 << 20);",
+          "const b = new Uint8Array(32 * 1024); await img.read(b, 1 << 20);",
+          "await img.close();",
+          "console.log(b.every((x) => x === 9) ? 'done' : 'wrong data');",
+        ].join("\n"),
+      );
+      const r = spawnSync(process.execPath, [script], { timeout: 15_000, encoding: "utf8" });
+      assert.equal(r.signal, null, `the write did not finish within 15 s (killed: ${r.signal})`);
+      assert.equal(r.stdout.trim(), "done", r.stderr);
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
