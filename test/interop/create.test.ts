@@ -18,7 +18,6 @@ import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { describe, test } from "node:test";
 import {
-  assertInfoJsonMatches,
   assertNoStackTrace,
   qcowkit,
   qemuImg,
