@@ -1,6 +1,6 @@
 /** `qcowkit create`: qemu-img create's options, its "Formatting ..." line and its refusals. */
 import { rm } from "node:fs/promises";
-import { invalidArgument } from "../errors.js";
+import { QcowError, invalidArgument } from "../errors.js";
 import type { Qcow2Image } from "../image/qcow2.js";
 import { FileStorage } from "../io/file.js";
 import { combinePath, openImageFile } from "../node.js";
@@ -100,15 +100,18 @@ export function qcow2OptionsFrom(
 
 /** qemu-img's "Formatting 'FILE', fmt=qcow2 ..." line, options in its order. */
 export function formattingLine(file: string, fmt: string, o: Map<string, string>, opts: Qcow2CreateOptions): string {
-  if (fmt === "raw") return `Formatting '${file}', fmt=raw size=${opts.size}`;
+  if (fmt === "raw") {
+    const pre = o.has("preallocation") ? ` preallocation=${o.get("preallocation")}` : "";
+    return `Formatting '${file}', fmt=raw size=${opts.size}${pre}`;
+  }
   const parts = [`cluster_size=${opts.clusterSize ?? 65536}`, `extended_l2=${o.get("extended_l2") ?? "off"}`];
   if (o.has("preallocation")) parts.push(`preallocation=${o.get("preallocation")}`);
   parts.push(`compression_type=${o.get("compression_type") ?? "zlib"}`, `size=${opts.size}`);
+  if (o.has("compat")) parts.push(`compat=${o.get("compat")}`);
   if (opts.backingFile !== undefined) parts.push(`backing_file=${opts.backingFile}`);
   if (opts.backingFormat !== undefined) parts.push(`backing_fmt=${opts.backingFormat}`);
   if (opts.dataFile !== undefined) parts.push(`data_file=${opts.dataFile}`);
   if (o.has("data_file_raw")) parts.push(`data_file_raw=${o.get("data_file_raw")}`);
-  if (o.has("compat")) parts.push(`compat=${o.get("compat")}`);
   parts.push(`lazy_refcounts=${o.get("lazy_refcounts") ?? "off"}`, `refcount_bits=${o.get("refcount_bits") ?? 16}`);
   return `Formatting '${file}', fmt=qcow2 ${parts.join(" ")}`;
 }
@@ -129,46 +132,70 @@ export async function createImage(a: CreateArgs): Promise<void> {
   const o = new Map(a.options);
   if (a.backing !== undefined) o.set("backing_file", a.backing);
   if (a.backingFormat !== undefined) o.set("backing_fmt", a.backingFormat);
-  const opts = a.format === "qcow2" ? qcow2OptionsFrom(o, a.size) : { size: a.size ?? 0 };
-  if (a.format === "raw") {
-    for (const k of o.keys())
-      if (k !== "preallocation" && k !== "size") throw invalidArgument(`Invalid parameter '${k}'`);
-  }
-  if (opts.backingFile !== undefined && opts.backingFormat === undefined) {
-    throw invalidArgument("Backing file specified without backing format");
-  }
-  if (a.size === undefined && !o.has("size")) {
-    if (opts.backingFile === undefined || a.unsafe) throw invalidArgument("Image creation needs a size parameter");
-    // As qemu-img: the size of the backing file, found from the new image's directory.
-    const backing = await openImageFile(combinePath(a.file, opts.backingFile), {
-      format: formatOption(opts.backingFormat),
-      noBacking: true,
-    });
-    opts.size = backing.size;
-    await backing.close();
+  // As qemu-img's bdrv_img_create: what goes wrong is reported as "FILE: message".
+  const named = (e: unknown): unknown =>
+    e instanceof QcowError ? new QcowError(e.code, `${a.file}: ${e.message}`, { cause: e }) : e;
+  // qemu-img rejects unknown options before it prints its "Formatting" line, and bad values after.
+  let opts: Qcow2CreateOptions & { size: number };
+  try {
+    const known = a.format === "qcow2" ? QCOW2_OPTIONS : ["preallocation", "size"];
+    for (const k of o.keys()) if (!known.includes(k)) throw invalidArgument(`Invalid parameter '${k}'`);
+    opts = { size: a.size ?? 0 };
+    if (o.has("size")) opts.size = parseSize(o.get("size") as string, "image size");
+    if (o.has("cluster_size")) opts.clusterSize = parseSize(o.get("cluster_size") as string, "cluster size");
+    if (o.has("backing_file")) opts.backingFile = o.get("backing_file");
+    if (o.has("backing_fmt")) opts.backingFormat = o.get("backing_fmt");
+    if (o.has("data_file")) opts.dataFile = o.get("data_file");
+    // Booleans are typed options: QemuOpts refuses a bad value while parsing, before printing.
+    for (const k of ["lazy_refcounts", "extended_l2", "data_file_raw"]) if (o.has(k)) parseBool(k, o.get(k) as string);
+    if (opts.backingFile !== undefined && opts.backingFormat === undefined) {
+      throw invalidArgument("Backing file specified without backing format");
+    }
+    if (a.size === undefined && !o.has("size")) {
+      if (opts.backingFile === undefined || a.unsafe) throw invalidArgument("Image creation needs a size parameter");
+      // As qemu-img: the size of the backing file, found from the new image's directory.
+      const backing = await openImageFile(combinePath(a.file, opts.backingFile), {
+        format: formatOption(opts.backingFormat),
+        noBacking: true,
+      });
+      opts.size = backing.size;
+      await backing.close();
+    }
+  } catch (e) {
+    throw named(e);
   }
   if (!a.quiet) process.stdout.write(`${formattingLine(a.file, a.format, o, opts)}\n`);
-  if (a.format === "raw") {
-    await createRaw(a.file, opts.size, (o.get("preallocation") ?? "off") as Preallocation);
-    return;
+  // Both drivers round the size up to whole 512-byte sectors.
+  const size = Math.ceil(opts.size / 512) * 512;
+  try {
+    if (a.format === "raw") {
+      await createRaw(a.file, size, o.get("preallocation") ?? "off");
+      return;
+    }
+    await createQcow2(a.file, validateCreateOptions({ ...qcow2OptionsFrom(o, opts.size), size }));
+  } catch (e) {
+    throw named(e);
   }
-  const checked = validateCreateOptions(opts);
-  const storage = await FileStorage.open(a.file, { readOnly: false, create: true });
+}
+
+async function createQcow2(file: string, checked: Qcow2CreateOptions & { size: number; preallocation: Preallocation }): Promise<void> {
+  const storage = await FileStorage.open(file, { readOnly: false, create: true });
   try {
     await writeEmptyQcow2(storage, checked);
   } catch (e) {
     await storage.close();
-    await rm(a.file, { force: true });
+    await rm(file, { force: true });
     throw e;
   }
   await storage.close();
   if (checked.dataFile !== undefined) {
-    const data = await FileStorage.open(combinePath(a.file, checked.dataFile), { readOnly: false, create: true });
-    if (checked.dataFileRaw) await data.truncate(checked.size);
+    // QEMU creates the data file at the image's size.
+    const data = await FileStorage.open(combinePath(file, checked.dataFile), { readOnly: false, create: true });
+    await data.truncate(checked.size);
     await data.close();
   }
   if (checked.preallocation !== "off") {
-    const img = (await openImageFile(a.file, { readOnly: false, noBacking: true })) as Qcow2Image;
+    const img = (await openImageFile(file, { readOnly: false, noBacking: true })) as Qcow2Image;
     try {
       await img.writer?.preallocate(checked.preallocation !== "metadata");
     } finally {
@@ -177,8 +204,12 @@ export async function createImage(a: CreateArgs): Promise<void> {
   }
 }
 
-async function createRaw(file: string, size: number, prealloc: Preallocation): Promise<void> {
-  if (prealloc === "metadata") throw invalidArgument("Unsupported preallocation mode 'metadata' for raw images");
+async function createRaw(file: string, size: number, prealloc: string): Promise<void> {
+  if (!["off", "falloc", "full"].includes(prealloc)) {
+    // qemu-img creates the (empty) file before it looks at the mode.
+    await (await FileStorage.open(file, { readOnly: false, create: true })).close();
+    throw invalidArgument(`Unsupported preallocation mode: ${prealloc}`);
+  }
   const s = await FileStorage.open(file, { readOnly: false, create: true });
   try {
     await s.truncate(size);

@@ -115,7 +115,7 @@ export async function writeEmptyQcow2(storage: Storage, opts: Qcow2CreateOptions
   const l2Entries = cs / (o.extendedL2 ? 16 : 8);
   const l1Size = Math.ceil(o.size / cs / l2Entries);
   if (l1Size * 8 > MAX_L1_BYTES)
-    throw invalidArgument("Image size is too large for this cluster size (the L1 table would exceed 32 MiB)");
+    throw invalidArgument("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
   const l1Clusters = Math.ceil((l1Size * 8) / cs);
   // Find refcount table and block counts that cover every metadata cluster, themselves included.
   const blockEntries = (cs * 8) / o.refcountBits;
