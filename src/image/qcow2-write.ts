@@ -157,13 +157,6 @@ export class Qcow2Writer {
     }
   }
 
-  /** Host space for `n` new data clusters starting at guest cluster `gc`. */
-  private async allocateData(gc: number, n: number): Promise<number> {
-    // An external data file maps guest offsets 1:1 and is not refcounted.
-    if (this.img.dataFile) return gc * this.cs;
-    return this.refcounts.allocate(n, this.tableMoved);
-  }
-
   // ---- write -----------------------------------------------------------------------------
 
   /** Every change of guest data: tracked bitmaps are marked in_use first, then the range noted. */
@@ -345,15 +338,12 @@ export class Qcow2Writer {
 
   /** New host clusters for the entries not kept, contiguous where possible. */
   private async allocateDataRun(c0: number, keep: boolean[]): Promise<number[]> {
-    const out: number[] = [];
     if (this.img.dataFile) {
+      const out: number[] = [];
       for (let i = 0; i < keep.length; i++) if (!keep[i]) out.push((c0 + i) * this.cs);
       return out;
     }
-    const n = keep.filter((k) => !k).length;
-    const base = await this.allocateData(c0, n);
-    for (let i = 0; i < n; i++) out.push(base + i * this.cs);
-    return out;
+    return this.refcounts.allocateMany(keep.filter((k) => !k).length, this.tableMoved);
   }
 
   // ---- zeroes and discard ----------------------------------------------------------------
@@ -538,25 +528,34 @@ export class Qcow2Writer {
     for (let l1Index = 0; l1Index * img.l2Entries < clusters; l1Index++) {
       const first = l1Index * img.l2Entries;
       const n = Math.min(img.l2Entries, clusters - first);
-      const host = await this.meta.run(async () => {
+      const hosts = await this.meta.run(async () => {
         await this.ownL2(l1Index);
-        const base = await this.allocateData(first, n);
+        const keep = new Array<boolean>(n).fill(false);
+        const offsets = await this.allocateDataRun(first, keep);
         for (let i = 0; i < n; i++) {
           const e = await this.entry(first + i);
           if (e && e.type !== ClusterType.Unallocated) throw corrupt("Preallocation needs an image with no data");
-          const [hi, lo] = encodeStandardL2(base + i * cs, true, false);
+          const [hi, lo] = encodeStandardL2(offsets[i], true, false);
           await this.setEntry(first + i, hi, lo, 0, 0);
         }
-        return base;
+        return offsets;
       });
+      const end = Math.max(...hosts) + cs;
       if (fill) {
-        const zeros = new Uint8Array(Math.min(n * cs, 4 * 1024 * 1024));
-        for (let at = 0; at < n * cs; at += zeros.length) {
-          await this.dataStorage.write(zeros.subarray(0, Math.min(zeros.length, n * cs - at)), host + at);
+        // Zeros over each contiguous run of the new clusters.
+        for (let i = 0; i < hosts.length; ) {
+          let j = i + 1;
+          while (j < hosts.length && hosts[j] === hosts[j - 1] + cs) j++;
+          const bytes = (j - i) * cs;
+          const zeros = new Uint8Array(Math.min(bytes, 4 * 1024 * 1024));
+          for (let at = 0; at < bytes; at += zeros.length) {
+            await this.dataStorage.write(zeros.subarray(0, Math.min(zeros.length, bytes - at)), hosts[i] + at);
+          }
+          i = j;
         }
-      } else if ((await this.dataStorage.size()) < host + n * cs) {
+      } else if ((await this.dataStorage.size()) < end) {
         // The clusters must exist in the file (as holes) for the image to be consistent.
-        await this.dataStorage.truncate(host + n * cs);
+        await this.dataStorage.truncate(end);
       }
       await this.maybeWriteBack();
     }

@@ -109,26 +109,50 @@ export class Refcounts {
     return value;
   }
 
+  /** The most clusters one contiguous allocation may ask for (see `allocate`). */
+  get maxRun(): number {
+    return Math.max(1, this.blockEntries - 1);
+  }
+
   /**
-   * Allocates `n` contiguous free clusters and gives each refcount 1. Returns the host offset.
-   * Clusters past the end of the refcount structures are free; structures grow to cover them.
+   * Allocates `n` (at most `maxRun`) contiguous free clusters and gives each refcount 1.
+   * Returns the host offset. Clusters past the end of the refcount structures are free; the
+   * structures grow to cover them. A new refcount block sits in the first cluster of the range it
+   * covers, so fresh space has free runs of blockEntries - 1 clusters: hence `maxRun`.
    */
   async allocate(n: number, onTableMoved: TableMoved): Promise<number> {
-    let start = this.freeHint;
+    if (n > this.maxRun) throw new RangeError(`allocate(${n}) exceeds ${this.maxRun} clusters`);
+    let from = this.freeHint;
     for (;;) {
-      let run = 0;
-      while (run < n && (await this.get(start + run)) === 0) run++;
-      if (run === n) break;
-      start += run + 1;
+      let start = from;
+      for (;;) {
+        let run = 0;
+        while (run < n && (await this.get(start + run)) === 0) run++;
+        if (run === n) break;
+        start += run + 1;
+      }
+      await this.coverClusters(start, n, onTableMoved);
+      // Covering may have placed new refcount blocks inside the range: look again past them.
+      let clash = -1;
+      for (let i = 0; i < n; i++) if ((await this.get(start + i)) !== 0) clash = i;
+      if (clash < 0) {
+        for (let i = 0; i < n; i++) await this.update(start + i, 1, onTableMoved);
+        this.freeHint = start + n;
+        return start * this.clusterSize;
+      }
+      from = start + clash + 1;
     }
-    await this.coverClusters(start, n, onTableMoved);
-    // Covering may have placed new refcount blocks inside the range: look again if so.
-    for (let i = 0; i < n; i++) {
-      if ((await this.get(start + i)) !== 0) return this.allocate(n, onTableMoved);
+  }
+
+  /** Allocates `n` clusters in as few contiguous runs as `maxRun` allows; one offset each. */
+  async allocateMany(n: number, onTableMoved: TableMoved): Promise<number[]> {
+    const out: number[] = [];
+    while (out.length < n) {
+      const k = Math.min(this.maxRun, n - out.length);
+      const base = await this.allocate(k, onTableMoved);
+      for (let i = 0; i < k; i++) out.push(base + i * this.clusterSize);
     }
-    for (let i = 0; i < n; i++) await this.update(start + i, 1, onTableMoved);
-    this.freeHint = start + n;
-    return start * this.clusterSize;
+    return out;
   }
 
   /** Holds back a decrement until the references that dropped it are durable. */
