@@ -55,8 +55,12 @@ function withTempDirSync<T>(fn: (dir: string) => T): T {
 
 /** A storage whose writes matching a predicate wait until released. */
 class GateStorage implements Storage {
-  private gates: { match: (offset: number, length: number) => boolean; arrived: () => void; wait: Promise<void> }[] =
-    [];
+  private gates: {
+    kind: "read" | "write";
+    match: (offset: number, length: number) => boolean;
+    arrived: () => void;
+    wait: Promise<void>;
+  }[] = [];
   constructor(private readonly inner: MemoryStorage) {}
   get name() {
     return this.inner.name;
@@ -64,28 +68,34 @@ class GateStorage implements Storage {
   get readOnly() {
     return this.inner.readOnly;
   }
-  /** Holds the next write matching `match`: `arrived` resolves when it is issued. */
-  hold(match: (offset: number, length: number) => boolean): { arrived: Promise<void>; release: () => void } {
+  /** Holds the next write (or read) matching `match`: `arrived` resolves when it is issued. */
+  hold(
+    match: (offset: number, length: number) => boolean,
+    kind: "read" | "write" = "write",
+  ): { arrived: Promise<void>; release: () => void } {
     let arrived!: () => void;
     let release!: () => void;
     const a = new Promise<void>((r) => (arrived = r));
     const wait = new Promise<void>((r) => (release = r));
-    this.gates.push({ match, arrived, wait });
+    this.gates.push({ kind, match, arrived, wait });
     return { arrived: a, release };
+  }
+  private async gate(kind: "read" | "write", offset: number, length: number): Promise<void> {
+    const i = this.gates.findIndex((g) => g.kind === kind && g.match(offset, length));
+    if (i < 0) return;
+    const [g] = this.gates.splice(i, 1);
+    g.arrived();
+    await g.wait;
   }
   size() {
     return this.inner.size();
   }
-  read(dst: Uint8Array, offset: number) {
+  async read(dst: Uint8Array, offset: number): Promise<number> {
+    await this.gate("read", offset, dst.length);
     return this.inner.read(dst, offset);
   }
   async write(src: Uint8Array, offset: number): Promise<void> {
-    const i = this.gates.findIndex((g) => g.match(offset, src.length));
-    if (i >= 0) {
-      const [g] = this.gates.splice(i, 1);
-      g.arrived();
-      await g.wait;
-    }
+    await this.gate("write", offset, src.length);
     await this.inner.write(src, offset);
   }
   flush() {
@@ -302,5 +312,31 @@ describe("write path regressions", () => {
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
+  });
+
+  test("a read in flight while its cluster is discarded and reused returns no other guest data", async () => {
+    const cs = 4 * KiB;
+    const mem = new MemoryStorage();
+    await writeEmptyQcow2(mem, { size: 1 * MiB, clusterSize: cs });
+    const g = new GateStorage(mem);
+    const img = await Qcow2Image.open(g, { readOnly: false });
+    await img.write(filled(cs, 0x11), cs);
+    await img.flush();
+    // R maps guest cluster 1 to its host cluster X, then waits to read X.
+    const held = g.hold((_offset, length) => length === cs, "read");
+    const r = readAt(img, cs, cs);
+    await held.arrived;
+    // Meanwhile guest cluster 1 is discarded, the flush frees X, and a new write reuses it.
+    await img.discard(cs, cs);
+    await img.flush();
+    await img.write(filled(cs, 0x99), 5 * cs);
+    held.release();
+    const got = await r;
+    const ok = got.every((b) => b === 0x11) || got.every((b) => b === 0);
+    assert.ok(
+      ok,
+      `R reads ${got[0]}: neither the data before the discard (0x11) nor zeros (0x99 is guest cluster 5's)`,
+    );
+    await img.close();
   });
 });
