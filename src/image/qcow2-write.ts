@@ -20,6 +20,7 @@ import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts } from "./refcount.js";
+import { rebuildRefcounts } from "./repair.js";
 
 /** Most guest clusters one allocating request handles at once (bounds its buffer). */
 const MAX_ALLOC_GROUP = 256;
@@ -31,7 +32,7 @@ export class Qcow2Writer {
   private readonly cs: number;
   /** Next free byte for compressed data (0: start a new cluster). */
   private compressedEnd = 0;
-  /** In-place data writes in flight: released clusters are not freed while any run. */
+  /** Data reads and in-place writes in flight: released clusters are not freed while any run. */
   private inflight = 0;
   private closed = false;
   /** Set once an inconsistency was found: the image is marked corrupt and writes stop. */
@@ -49,12 +50,16 @@ export class Qcow2Writer {
   /** Prepares an image opened read-write: clears unknown autoclear bits, loads refcounts. */
   static async attach(img: Qcow2Image): Promise<Qcow2Writer> {
     const h = img.header;
-    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
-      throw unsupported(
-        `${img.filename} has the dirty bit set (lazy refcounts not written back); its refcounts must be repaired before it can be written`,
-      );
-    }
     const w = new Qcow2Writer(img, await Refcounts.open(img.storage, h));
+    if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
+      // Lazy refcounts were not written back before the image was last closed: rebuild them
+      // from the references, as QEMU does when it opens such an image for writing.
+      await rebuildRefcounts(img, w.refcounts, w.tableMoved);
+      await w.refcounts.writeBack();
+      await img.storage.flush();
+      h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
+      await w.writeHeader();
+    }
     // Bitmaps whose consistency bit is clear are stale already; they are left as they are.
     if (img.bitmaps.length > 0 && img.extensions.bitmaps && h.autoclearFeatures & AUTOCLEAR_BITMAPS) {
       w.bitmaps = new BitmapTracker(img.storage, img.bitmaps, img.extensions.bitmaps.directoryOffset, img.clusterSize, img.size);
@@ -211,12 +216,21 @@ export class Qcow2Writer {
    * such a cluster writes only its own bytes there, so the two never undo each other.
    */
   private async writeInPlace(data: Uint8Array, host: number): Promise<void> {
-    this.inflight++;
+    this.beginIo();
     try {
       await this.dataStorage.write(data, host);
     } finally {
-      this.inflight--;
+      this.endIo();
     }
+  }
+
+  /** Data I/O on host clusters in flight: freed clusters are not released while any runs. */
+  beginIo(): void {
+    this.inflight++;
+  }
+
+  endIo(): void {
+    this.inflight--;
   }
 
   /**

@@ -340,16 +340,22 @@ export class Qcow2Image implements BlockDevice {
         `Read of ${dst.length} bytes at ${offset} is beyond the end of the image (${this.size})`,
       );
     }
-    const jobs: Promise<void>[] = [];
-    let pos = offset;
-    const end = offset + dst.length;
-    while (pos < end) {
-      const run = await this.mapping(pos, end - pos);
-      const part = dst.subarray(pos - offset, pos - offset + run.length);
-      jobs.push(this.readRun(run, part, pos));
-      pos += run.length;
+    // While data is read from host clusters, clusters freed meanwhile must not be handed out again.
+    this.writer?.beginIo();
+    try {
+      const jobs: Promise<void>[] = [];
+      let pos = offset;
+      const end = offset + dst.length;
+      while (pos < end) {
+        const run = await this.mapping(pos, end - pos);
+        const part = dst.subarray(pos - offset, pos - offset + run.length);
+        jobs.push(this.readRun(run, part, pos));
+        pos += run.length;
+      }
+      await Promise.all(jobs);
+    } finally {
+      this.writer?.endIo();
     }
-    await Promise.all(jobs);
   }
 
   private async readRun(run: MappingRun, dst: Uint8Array, guestOffset: number): Promise<void> {

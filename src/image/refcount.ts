@@ -185,6 +185,11 @@ export class Refcounts {
     }
   }
 
+  /** The offsets of the refcount blocks in use. */
+  blockOffsets(): number[] {
+    return [...this.table].filter((b) => b !== 0);
+  }
+
   /** Host clusters the refcount structures themselves use (for the file end and for checks). */
   structureEnd(): number {
     let end = this.tableOffset + this.tableClusters * this.clusterSize;
