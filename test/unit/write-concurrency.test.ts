@@ -80,6 +80,9 @@ interface Config {
   version: 2 | 3;
   clusterBits: number;
   extendedL2?: boolean;
+  refcountOrder?: number;
+  /** A small L2 cache makes write-back and eviction happen between and within requests. */
+  l2CacheBytes?: number;
   size: number;
   bursts: number;
 }
@@ -96,6 +99,15 @@ const CONFIGS: Config[] = [
     clusterBits: 16,
     extendedL2: true,
     size: 4096 * KiB,
+    bursts: 60,
+  },
+  {
+    name: "v3, 512-byte clusters, refcount_bits=64, an L2 cache of 4 tables",
+    version: 3,
+    clusterBits: 9,
+    refcountOrder: 6,
+    l2CacheBytes: 2 * KiB,
+    size: 512 * KiB,
     bursts: 60,
   },
 ];
@@ -133,6 +145,7 @@ function buildFixture(c: Config) {
     version: c.version,
     clusterBits: c.clusterBits,
     extendedL2: c.extendedL2,
+    refcountOrder: c.refcountOrder,
     clusters,
     backingFile: "backing.qcow2",
     backingFormat: "qcow2",
@@ -187,6 +200,7 @@ function makeBurst(r: Prng, c: Config, fixture: { backingData: Uint8Array }): { 
     "compressed clusters",
     "snapshot-shared clusters",
     "disjoint",
+    "long requests",
     "anywhere",
   ];
   const kind = kinds[r.int(kinds.length)];
@@ -247,6 +261,15 @@ function makeBurst(r: Prng, c: Config, fixture: { backingData: Uint8Array }): { 
         if (used.has(gc)) continue;
         used.add(gc);
         reqs.push(data(...rangeIn(r, cs, c.size, gc, gc + 1), anyKind()));
+      }
+      break;
+    }
+    case "long requests": {
+      // Across many clusters and L2 tables: allocations of many clusters at once.
+      for (let i = 0; i < 2 + r.int(3); i++) {
+        const offset = r.chance(0.5) ? cs * r.int(n) : r.int(c.size);
+        const length = 1 + r.int(Math.min(c.size - offset, 80 * cs));
+        reqs.push(data(offset, length, r.chance(0.7) ? "write" : anyKind()));
       }
       break;
     }
@@ -399,6 +422,7 @@ describe("concurrent requests: the result of some serial order, no cluster alloc
             readOnly: false,
             codecs: nodeCodecs,
             backing: await openBacking(),
+            l2CacheBytes: c.l2CacheBytes,
           });
           const cs = img.clusterSize;
           const snapshot = fixture.image.expectedSnapshot(0, fixture.backingData);
