@@ -154,7 +154,8 @@ interface Layout {
 
 /**
  * A random request range: unaligned and sub-cluster, sector- and subcluster-aligned, whole
- * clusters, ranges across a cluster boundary, and long ranges over several clusters.
+ * clusters, ranges across a cluster boundary, ranges over a few clusters, and long ranges over
+ * many (up to 5 MiB).
  */
 function pickRange(r: Prng, l: Layout): [number, number] {
   const cs = l.clusterSize;
@@ -163,7 +164,7 @@ function pickRange(r: Prng, l: Layout): [number, number] {
   const base = r.int(clusters) * cs;
   let off: number;
   let len: number;
-  switch (r.int(7)) {
+  switch (r.int(8)) {
     case 0:
       off = base + r.int(cs);
       len = 1 + r.int(Math.min(cs, 3000));
@@ -187,6 +188,11 @@ function pickRange(r: Prng, l: Layout): [number, number] {
     case 5:
       off = r.int(l.size);
       len = 1 + r.int(Math.min(l.size / 4, 3 * cs));
+      break;
+    case 6:
+      // Long: many clusters, across L2 tables and refcount blocks, allocated at once.
+      off = r.chance(0.5) ? base : r.int(l.size);
+      len = 1 + r.int(150 * cs);
       break;
     default:
       // The last cluster, which may be partial.
