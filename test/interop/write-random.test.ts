@@ -25,42 +25,11 @@ import type { Qcow2Image } from "../../src/image/qcow2.js";
 import { FileStorage, openImageFile } from "../../src/node.js";
 import { type Qcow2CreateOptions, writeEmptyQcow2 } from "../../src/ops/create.js";
 import { qcowkit, qemuImg, qemuImgOk, qemuIo, sizes, useTempDir, writeSparseRaw } from "./util.js";
+import { BASE_SEED, Prng } from "../prng.js";
 
 const { KiB, MiB } = sizes;
 
-const BASE_SEED =
-  process.env.QCOWKIT_SEED !== undefined
-    ? Number(process.env.QCOWKIT_SEED) >>> 0
-    : (Date.now() ^ (process.pid << 10)) >>> 0;
 
-/** mulberry32: small, seeded, good enough to pick requests. */
-class Prng {
-  private s: number;
-  constructor(seed: number) {
-    this.s = seed >>> 0;
-  }
-  next(): number {
-    this.s = (this.s + 0x6d2b79f5) >>> 0;
-    let t = this.s;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return (t ^ (t >>> 14)) >>> 0;
-  }
-  int(n: number): number {
-    return n <= 1 ? 0 : Math.floor((this.next() / 0x1_0000_0000) * n);
-  }
-  chance(p: number): boolean {
-    return this.next() / 0x1_0000_0000 < p;
-  }
-  bytes(n: number): Uint8Array {
-    const b = new Uint8Array(n);
-    const words = n >>> 2;
-    const w = new Uint32Array(b.buffer, 0, words);
-    for (let i = 0; i < words; i++) w[i] = this.next();
-    for (let i = words * 4; i < n; i++) b[i] = this.next() & 0xff;
-    return b;
-  }
-}
 
 /** Data for a write: mostly random, sometimes a compressible pattern, sometimes all zeros. */
 function payload(r: Prng, n: number): Uint8Array {
