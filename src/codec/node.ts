@@ -12,7 +12,11 @@ export const nodeZlib: Codec = {
     let out: Buffer;
     try {
       // Z_SYNC_FLUSH: a stream cut at the end of its last sector still yields what it holds.
-      out = inflateRawSync(src, { finishFlush: constants.Z_SYNC_FLUSH, maxOutputLength: dst.length + 1 });
+      out = inflateRawSync(src, {
+        finishFlush: constants.Z_SYNC_FLUSH,
+        maxOutputLength: dst.length + 1,
+        chunkSize: Math.max(16384, dst.length + 1024),
+      });
     } catch (e) {
       throw corrupt(`Compressed cluster does not inflate: ${(e as Error).message}`);
     }
