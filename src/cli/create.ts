@@ -1,6 +1,6 @@
 /** `qcowkit create`: qemu-img create's options, its "Formatting ..." line and its refusals. */
 import { rm } from "node:fs/promises";
-import { QcowError, invalidArgument } from "../errors.js";
+import { invalidArgument, QcowError } from "../errors.js";
 import type { Qcow2Image } from "../image/qcow2.js";
 import { FileStorage } from "../io/file.js";
 import { combinePath, openImageFile } from "../node.js";
@@ -178,7 +178,10 @@ export async function createImage(a: CreateArgs): Promise<void> {
   }
 }
 
-async function createQcow2(file: string, checked: Qcow2CreateOptions & { size: number; preallocation: Preallocation }): Promise<void> {
+async function createQcow2(
+  file: string,
+  checked: Qcow2CreateOptions & { size: number; preallocation: Preallocation },
+): Promise<void> {
   const storage = await FileStorage.open(file, { readOnly: false, create: true });
   try {
     await writeEmptyQcow2(storage, checked);

@@ -1,6 +1,6 @@
 /** The persistent bitmap directory and bitmap tables (docs/interop/qcow2.rst, "Bitmaps"). */
 import { corrupt, hex } from "../errors.js";
-import { getU64, setU64, textDecoder, textEncoder, view, concatBytes } from "./bytes.js";
+import { concatBytes, getU64, setU64, textDecoder, textEncoder, view } from "./bytes.js";
 
 /** QEMU's limits (block/qcow2.h). */
 export const MAX_BITMAPS = 65535;

@@ -1,6 +1,6 @@
 /** The internal snapshot table (docs/interop/qcow2.rst, "Snapshots"). */
 import { corrupt, hex, truncated } from "../errors.js";
-import { getU64, setU64, textDecoder, textEncoder, view, concatBytes } from "./bytes.js";
+import { concatBytes, getU64, setU64, textDecoder, textEncoder, view } from "./bytes.js";
 
 /** QEMU's limits (block/qcow2.h): extra data per entry, and the whole table. */
 export const MAX_SNAPSHOT_EXTRA_DATA = 1024;

@@ -6,15 +6,16 @@
  * clusters and in_use is cleared. A crash in between leaves in_use set, which QEMU reads as
  * "this bitmap is inconsistent" — never as a bitmap that misses writes.
  */
-import { view } from "../format/bytes.js";
+
 import {
+  type BitmapDirectoryEntry,
   BME_FLAG_AUTO,
   BME_FLAG_IN_USE,
-  type BitmapDirectoryEntry,
   decodeBitmapTableEntry,
   encodeBitmapDirectory,
 } from "../format/bitmap.js";
-import { type Storage, readFull } from "../io/storage.js";
+import { view } from "../format/bytes.js";
+import { readFull, type Storage } from "../io/storage.js";
 
 /** Host clusters for new bitmap data (refcount 1 each). */
 export type AllocateCluster = () => Promise<number>;
@@ -89,7 +90,10 @@ export class BitmapTracker {
         const g1 = Math.ceil(Math.min(to, this.diskSize) / granularity);
         for (let c = Math.floor(g0 / bitsPerCluster); c * bitsPerCluster < g1; c++) {
           const list = byCluster.get(c) ?? [];
-          list.push([Math.max(g0, c * bitsPerCluster) - c * bitsPerCluster, Math.min(g1, (c + 1) * bitsPerCluster) - c * bitsPerCluster]);
+          list.push([
+            Math.max(g0, c * bitsPerCluster) - c * bitsPerCluster,
+            Math.min(g1, (c + 1) * bitsPerCluster) - c * bitsPerCluster,
+          ]);
           byCluster.set(c, list);
         }
       }
@@ -135,7 +139,7 @@ function setBits(data: Uint8Array, from: number, to: number): void {
     i++;
   }
   if (i + 8 <= to) {
-    data.fill(0xff, i >> 3, (to >> 3));
+    data.fill(0xff, i >> 3, to >> 3);
     i = to - (to % 8);
   }
   while (i < to) {

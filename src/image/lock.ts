@@ -41,3 +41,41 @@ export class RangeLocks {
     }
   }
 }
+
+/**
+ * Turns taken in call order: `wait(t)` resolves once every earlier turn is `done`. Turns may be
+ * done in any order (a write with nothing to allocate is done at once).
+ */
+export class Turns {
+  private next = 0;
+  /** Every turn below this one is done. */
+  private lowest = 0;
+  private readonly finished = new Set<number>();
+  /** Waiters by turn: the groups of one write all wait on the same turn. */
+  private readonly waiting: { turn: number; resolve: () => void }[] = [];
+
+  take(): number {
+    return this.next++;
+  }
+
+  async wait(turn: number): Promise<void> {
+    if (turn <= this.lowest) return;
+    await new Promise<void>((resolve) => this.waiting.push({ turn, resolve }));
+  }
+
+  done(turn: number): void {
+    if (turn < this.lowest || this.finished.has(turn)) return;
+    this.finished.add(turn);
+    while (this.finished.has(this.lowest)) {
+      this.finished.delete(this.lowest);
+      this.lowest++;
+    }
+    for (let i = this.waiting.length - 1; i >= 0; i--) {
+      const w = this.waiting[i];
+      if (w.turn <= this.lowest) {
+        this.waiting.splice(i, 1);
+        w.resolve();
+      }
+    }
+  }
+}

@@ -14,10 +14,24 @@
  */
 import { corrupt, QcowError, unsupported } from "../errors.js";
 import { view } from "../format/bytes.js";
-import { AUTOCLEAR_BITMAPS, AUTOCLEAR_DATA_FILE_RAW, AUTOCLEAR_KNOWN, encodeHeader, INCOMPAT_CORRUPT, INCOMPAT_DIRTY } from "../format/header.js";
-import { ClusterType, encodeCompressed, encodeL1Entry, encodeStandardL2, type L2Entry, maxRefcount } from "../format/tables.js";
+import {
+  AUTOCLEAR_BITMAPS,
+  AUTOCLEAR_DATA_FILE_RAW,
+  AUTOCLEAR_KNOWN,
+  encodeHeader,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DIRTY,
+} from "../format/header.js";
+import {
+  ClusterType,
+  encodeCompressed,
+  encodeL1Entry,
+  encodeStandardL2,
+  type L2Entry,
+  maxRefcount,
+} from "../format/tables.js";
 import { BitmapTracker } from "./bitmaps.js";
-import { Mutex, RangeLocks } from "./lock.js";
+import { Mutex, RangeLocks, Turns } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts } from "./refcount.js";
 import { rebuildRefcounts } from "./repair.js";
@@ -28,6 +42,7 @@ const MAX_ALLOC_GROUP = 256;
 export class Qcow2Writer {
   private readonly meta = new Mutex();
   private readonly locks = new RangeLocks();
+  private readonly turns = new Turns();
   private readonly l1Dirty = new Set<number>();
   private readonly cs: number;
   /** Next free byte for compressed data (0: start a new cluster). */
@@ -62,7 +77,13 @@ export class Qcow2Writer {
     }
     // Bitmaps whose consistency bit is clear are stale already; they are left as they are.
     if (img.bitmaps.length > 0 && img.extensions.bitmaps && h.autoclearFeatures & AUTOCLEAR_BITMAPS) {
-      w.bitmaps = new BitmapTracker(img.storage, img.bitmaps, img.extensions.bitmaps.directoryOffset, img.clusterSize, img.size);
+      w.bitmaps = new BitmapTracker(
+        img.storage,
+        img.bitmaps,
+        img.extensions.bitmaps.directoryOffset,
+        img.clusterSize,
+        img.size,
+      );
     }
     if (h.autoclearFeatures & ~AUTOCLEAR_KNOWN) {
       h.autoclearFeatures &= AUTOCLEAR_KNOWN;
@@ -173,39 +194,50 @@ export class Qcow2Writer {
 
   async write(src: Uint8Array, offset: number): Promise<void> {
     this.checkOpen();
-    await this.changing(offset, src.length);
+    // Writes allocate in the order they were issued (a new image is laid out in guest order
+    // when its writes come in order), while their data moves in parallel.
+    const turn = this.turns.take();
     const cs = this.cs;
     const end = offset + src.length;
     const jobs: Promise<void>[] = [];
-    let pos = offset;
-    while (pos < end) {
-      const gc = Math.floor(pos / cs);
-      const e = await this.entry(gc);
-      let runEnd = Math.min(end, (gc + 1) * cs);
-      if (this.ownsData(e, gc, pos, runEnd)) {
-        const host = (e as L2Entry).hostOffset + (pos - gc * cs);
-        // Extend over following clusters that are owned and contiguous on the host.
-        while (runEnd < end) {
-          const ngc = runEnd / cs;
-          const ne = await this.entry(ngc);
-          const nEnd = Math.min(end, runEnd + cs);
-          if (!this.ownsData(ne, ngc, runEnd, nEnd) || (ne as L2Entry).hostOffset !== host + (runEnd - pos)) break;
-          runEnd = nEnd;
+    const allocations: Promise<void>[] = [];
+    try {
+      await this.changing(offset, src.length);
+      let pos = offset;
+      while (pos < end) {
+        const gc = Math.floor(pos / cs);
+        const e = await this.entry(gc);
+        let runEnd = Math.min(end, (gc + 1) * cs);
+        if (this.ownsData(e, gc, pos, runEnd)) {
+          const host = (e as L2Entry).hostOffset + (pos - gc * cs);
+          // Extend over following clusters that are owned and contiguous on the host.
+          while (runEnd < end) {
+            const ngc = runEnd / cs;
+            const ne = await this.entry(ngc);
+            const nEnd = Math.min(end, runEnd + cs);
+            if (!this.ownsData(ne, ngc, runEnd, nEnd) || (ne as L2Entry).hostOffset !== host + (runEnd - pos)) break;
+            runEnd = nEnd;
+          }
+          jobs.push(this.writeInPlace(src.subarray(pos - offset, runEnd - offset), host));
+        } else {
+          let count = 1;
+          const tableEnd = (Math.floor(gc / this.img.l2Entries) + 1) * this.img.l2Entries * cs;
+          while (runEnd < end && runEnd < tableEnd && count < MAX_ALLOC_GROUP) {
+            const ngc = runEnd / cs;
+            const nEnd = Math.min(end, runEnd + cs);
+            if (this.ownsData(await this.entry(ngc), ngc, runEnd, nEnd)) break;
+            runEnd = nEnd;
+            count++;
+          }
+          let allocated!: () => void;
+          allocations.push(new Promise<void>((r) => (allocated = r)));
+          jobs.push(this.allocatingWrite(src.subarray(pos - offset, runEnd - offset), pos, turn, allocated));
         }
-        jobs.push(this.writeInPlace(src.subarray(pos - offset, runEnd - offset), host));
-      } else {
-        let count = 1;
-        const tableEnd = (Math.floor(gc / this.img.l2Entries) + 1) * this.img.l2Entries * cs;
-        while (runEnd < end && runEnd < tableEnd && count < MAX_ALLOC_GROUP) {
-          const ngc = runEnd / cs;
-          const nEnd = Math.min(end, runEnd + cs);
-          if (this.ownsData(await this.entry(ngc), ngc, runEnd, nEnd)) break;
-          runEnd = nEnd;
-          count++;
-        }
-        jobs.push(this.allocatingWrite(src.subarray(pos - offset, runEnd - offset), pos));
+        pos = runEnd;
       }
-      pos = runEnd;
+    } finally {
+      // Later writes may allocate once this one has (or has nothing to allocate).
+      Promise.all(allocations).then(() => this.turns.done(turn));
     }
     await Promise.all(jobs);
     await this.maybeWriteBack();
@@ -237,24 +269,43 @@ export class Qcow2Writer {
    * Writes `data` at guest `offset` into clusters that need new host space or a change of
    * their L2 entry: copy-on-write of the parts of each cluster the request does not cover.
    */
-  private async allocatingWrite(data: Uint8Array, offset: number): Promise<void> {
+  private async allocatingWrite(
+    data: Uint8Array,
+    offset: number,
+    turn = this.turns.take(),
+    allocated: () => void = () => this.turns.done(turn),
+  ): Promise<void> {
     const img = this.img;
     const cs = this.cs;
     const end = offset + data.length;
     const c0 = Math.floor(offset / cs);
     const c1 = Math.ceil(end / cs);
+    // The turn comes before the cluster lock: a write waiting for its turn holds no lock.
+    try {
+      await this.turns.wait(turn);
+    } catch (e) {
+      allocated();
+      throw e;
+    }
     await this.locks.run(c0, c1, async () => {
       const entries: (L2Entry | undefined)[] = [];
-      for (let gc = c0; gc < c1; gc++) entries.push(await this.entry(gc));
-      // Clusters that already have a host cluster of their own keep it.
-      const keep = entries.map((e) => e?.copied === true && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc));
-      const fresh = keep.filter((k) => !k).length;
       const hosts: number[] = [];
-      await this.meta.run(async () => {
-        const base = fresh > 0 ? await this.allocateDataRun(c0, keep) : [];
-        let next = 0;
-        for (let i = 0; i < keep.length; i++) hosts.push(keep[i] ? (entries[i] as L2Entry).hostOffset : base[next++]);
-      });
+      let keep: boolean[];
+      try {
+        for (let gc = c0; gc < c1; gc++) entries.push(await this.entry(gc));
+        // Clusters that already have a host cluster of their own keep it.
+        keep = entries.map(
+          (e) => e?.copied === true && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc),
+        );
+        const fresh = keep.filter((k) => !k).length;
+        await this.meta.run(async () => {
+          const base = fresh > 0 ? await this.allocateDataRun(c0, keep) : [];
+          let next = 0;
+          for (let i = 0; i < keep.length; i++) hosts.push(keep[i] ? (entries[i] as L2Entry).hostOffset : base[next++]);
+        });
+      } finally {
+        allocated();
+      }
       // What to write in each cluster: a new or zero-flagged cluster is written whole (copying
       // what the guest sees around the request); in a cluster the image already owns only the
       // request's own bytes are written — and whole subclusters where they are not allocated yet.
@@ -316,7 +367,10 @@ export class Qcow2Writer {
           // Copy-on-write: what the guest sees now around the written part.
           if (from < offset) await img.read(buf.subarray(0, offset - from), from);
           if (end < to) await img.read(buf.subarray(end - from), end);
-          buf.set(data.subarray(Math.max(0, from - offset), Math.min(data.length, to - offset)), Math.max(0, offset - from));
+          buf.set(
+            data.subarray(Math.max(0, from - offset), Math.min(data.length, to - offset)),
+            Math.max(0, offset - from),
+          );
         }
         writes.push(this.dataStorage.write(buf, pieces[i].host));
         i = j;

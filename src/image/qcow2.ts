@@ -405,7 +405,9 @@ export class Qcow2Image implements BlockDevice {
 
   private async decompressInto(c: { offset: number; size: number }, out: Uint8Array): Promise<void> {
     if (!this.codec) {
-      throw unsupported(`No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`);
+      throw unsupported(
+        `No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`,
+      );
     }
     const src = new Uint8Array(c.size);
     await readFull(this.storage, src, c.offset);
@@ -545,7 +547,10 @@ export class Qcow2Image implements BlockDevice {
 
   /** Stores one whole guest cluster compressed (`data` is what the codec produced). */
   async writeCompressed(guestCluster: number, data: Uint8Array): Promise<void> {
-    this.checkRange(guestCluster * this.clusterSize, Math.min(this.clusterSize, this.size - guestCluster * this.clusterSize));
+    this.checkRange(
+      guestCluster * this.clusterSize,
+      Math.min(this.clusterSize, this.size - guestCluster * this.clusterSize),
+    );
     await this.guarded((w) => w.writeCompressed(guestCluster, data));
   }
 

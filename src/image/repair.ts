@@ -4,8 +4,8 @@
  * closed cleanly (the dirty bit): before it is written, its refcounts are rebuilt.
  */
 import { corrupt, hex } from "../errors.js";
-import { view } from "../format/bytes.js";
 import { decodeBitmapTableEntry } from "../format/bitmap.js";
+import { view } from "../format/bytes.js";
 import { INCOMPAT_DATA_FILE } from "../format/header.js";
 import { ClusterType, decodeL1Entry, encodeL1Entry } from "../format/tables.js";
 import { readFull } from "../io/storage.js";
@@ -58,7 +58,11 @@ export async function countReferences(img: Qcow2Image, refcounts: Refcounts): Pr
         if (e.type === ClusterType.Compressed) {
           const first = Math.floor(e.hostOffset / 512) * 512;
           refs.add(first, Math.ceil(((e.hostOffset % 512) + e.compressedSize) / 512) * 512, cs);
-        } else if (!externalData && e.hostOffset !== 0 && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc)) {
+        } else if (
+          !externalData &&
+          e.hostOffset !== 0 &&
+          (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc)
+        ) {
           refs.add(e.hostOffset, cs, cs);
         }
       }
@@ -96,7 +100,11 @@ export async function countReferences(img: Qcow2Image, refcounts: Refcounts): Pr
  * Sets every refcount to the number of references counted, then the COPIED flags of the active
  * L1 and L2 tables to "refcount is exactly one". Returns how many refcounts changed.
  */
-export async function rebuildRefcounts(img: Qcow2Image, refcounts: Refcounts, onTableMoved: TableMoved): Promise<number> {
+export async function rebuildRefcounts(
+  img: Qcow2Image,
+  refcounts: Refcounts,
+  onTableMoved: TableMoved,
+): Promise<number> {
   const cs = img.clusterSize;
   let changed = 0;
   // New refcount blocks made while fixing add references of their own: count until stable.
@@ -139,7 +147,8 @@ async function fixCopiedFlags(img: Qcow2Image, refcounts: Refcounts): Promise<vo
     let dirty = false;
     for (let j = 0; j < img.l2Entries; j++) {
       const e = img.decodeAt(table, j, l2Offset);
-      if (e.type === ClusterType.Compressed || e.type === ClusterType.Unallocated || e.type === ClusterType.ZeroPlain) continue;
+      if (e.type === ClusterType.Compressed || e.type === ClusterType.Unallocated || e.type === ClusterType.ZeroPlain)
+        continue;
       if (e.hostOffset === 0 && !externalData) continue;
       const want = externalData || (await refcounts.get(e.hostOffset / cs)) === 1;
       if (e.copied !== want) {

@@ -109,27 +109,41 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     done += n;
     opts.onProgress?.(total === 0 ? 1 : done / total);
   };
-  // Writes wait for the previous chunk's writes unless out-of-order writes are allowed.
-  let lastWrite: Promise<void> = Promise.resolve();
-  const ordered = (write: () => Promise<void>): Promise<void> => {
-    if (opts.outOfOrder) return write();
-    const prev = lastWrite;
-    const next = prev.then(write);
-    lastWrite = next.catch(() => {});
-    return next;
+  // Without -W, each chunk's writes start only after the previous chunk's have started (the
+  // place in line is taken when the chunk is dispatched, in guest order), so a new image
+  // allocates its clusters in guest order while the writes themselves run in parallel.
+  let previousStarted: Promise<void> = Promise.resolve();
+  const takeSlot = (): { run: (write: () => Promise<void>) => Promise<void>; release: () => void } => {
+    if (opts.outOfOrder) return { run: (write) => write(), release: () => {} };
+    const previous = previousStarted;
+    let started!: () => void;
+    previousStarted = new Promise<void>((r) => {
+      started = r;
+    });
+    return {
+      run: (write) =>
+        previous.then(() => {
+          const w = write();
+          started();
+          return w;
+        }),
+      release: () => started(),
+    };
   };
 
   const copyChunk = async (dst: number, length: number): Promise<void> => {
+    const slot = takeSlot();
     const buf = (buffers.pop() ?? new Uint8Array(CONVERT_CHUNK)).subarray(0, length);
     try {
       await readSources(sources, buf, dst);
       if (compressor) {
         const packed = await compressor.compress(buf, cs);
-        await ordered(() => writeClusters(target as CompressedTarget, buf, dst, packed, targetZeroed));
+        await slot.run(() => writeClusters(target as CompressedTarget, buf, dst, packed, targetZeroed));
       } else {
-        await ordered(() => writeSparse(target, buf, dst, minSparse, targetZeroed));
+        await slot.run(() => writeSparse(target, buf, dst, minSparse, targetZeroed));
       }
     } finally {
+      slot.release();
       buffers.push(new Uint8Array(buf.buffer, 0, CONVERT_CHUNK));
     }
     advance(length);
@@ -141,7 +155,8 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     if (r.zero) {
       if (!targetZeroed) {
         const { start, length } = r;
-        await pool.add(() => ordered(() => target.writeZeroes(start, length)));
+        const slot = takeSlot();
+        await pool.add(() => slot.run(() => target.writeZeroes(start, length)).finally(slot.release));
       }
       advance(r.length);
       continue;
@@ -157,7 +172,6 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     copiedTo = Math.max(copiedTo, end);
   }
   await pool.drain();
-  await lastWrite;
   opts.onProgress?.(1);
 }
 
@@ -198,24 +212,28 @@ async function writeSparse(
     await target.write(buf, offset);
     return;
   }
+  // The runs do not overlap: they are all started at once, in order, so that a new image
+  // allocates their clusters in guest order.
+  const writes: Promise<void>[] = [];
   let runStart = 0;
   let runZero: boolean | undefined;
-  const flush = async (end: number): Promise<void> => {
+  const flush = (end: number): void => {
     if (runZero === undefined || end === runStart) return;
     const part = buf.subarray(runStart, end);
-    if (!runZero) await target.write(part, offset + runStart);
-    else if (!targetZeroed) await target.writeZeroes(offset + runStart, part.length);
+    if (!runZero) writes.push(target.write(part, offset + runStart));
+    else if (!targetZeroed) writes.push(target.writeZeroes(offset + runStart, part.length));
   };
   for (let at = 0; at < buf.length; ) {
     const blockEnd = Math.min(buf.length, at + minSparse - ((offset + at) % minSparse));
     const zero =
       blockEnd - at === minSparse || offset + blockEnd === target.size ? isZero(buf.subarray(at, blockEnd)) : false;
     if (zero !== runZero) {
-      await flush(at);
+      flush(at);
       runStart = at;
       runZero = zero;
     }
     at = blockEnd;
   }
-  await flush(buf.length);
+  flush(buf.length);
+  await Promise.all(writes);
 }
