@@ -116,7 +116,8 @@ export function decodeL2Entry(
       `L2 entry has reserved bits set: 0x${hi.toString(16).padStart(8, "0")}${lo.toString(16).padStart(8, "0")} (${where()})`,
     );
   }
-  const hostOffset = checkOffset(offsetField(hi, lo), where());
+  const hostOffset = offsetField(hi, lo);
+  if (hostOffset > Number.MAX_SAFE_INTEGER) checkOffset(hostOffset, where());
   if (hostOffset % clusterSize !== 0) {
     throw corrupt(`Cluster allocation offset ${hex(hostOffset)} unaligned (${where()})`);
   }
