@@ -116,8 +116,10 @@ export class Qcow2Writer {
   // ---- mapping helpers -------------------------------------------------------------------
 
   /** The entry of guest cluster `gc` (undefined: no L2 table). */
-  private async entry(gc: number): Promise<L2Entry | undefined> {
-    return this.img.l2Entry(gc);
+  private entry(gc: number): L2Entry | undefined | Promise<L2Entry | undefined> {
+    // Most lookups hit a cached table: answer those without a chain of promises.
+    const cached = this.img.l2EntryIfCached(gc);
+    return cached === undefined ? this.img.l2Entry(gc) : (cached ?? undefined);
   }
 
   /** A cluster this image owns outright: overwriting it in place changes no metadata. */
@@ -159,8 +161,9 @@ export class Qcow2Writer {
   private async setEntry(gc: number, hi: number, lo: number, alloc = 0, zero = 0): Promise<void> {
     const img = this.img;
     const l1Index = Math.floor(gc / img.l2Entries);
-    const l2Offset = await this.ownL2(l1Index);
-    const table = await img.loadL2(l2Offset);
+    const owned = img.l1Copied[l1Index] === 1 ? img.l1[l1Index] : 0;
+    const l2Offset = owned !== 0 ? owned : await this.ownL2(l1Index);
+    const table = img.l2Cache.peek(l2Offset) ?? (await img.loadL2(l2Offset));
     const at = (gc % img.l2Entries) * img.l2EntryBytes;
     table.setUint32(at, hi);
     table.setUint32(at + 4, lo);

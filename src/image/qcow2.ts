@@ -256,6 +256,18 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** The decoded L2 entry for guest cluster `gc`, or undefined when its L2 table is absent. */
+  /**
+   * @internal The entry of guest cluster `gc` without waiting, when its L2 table is cached:
+   * null when there is no L2 table, undefined when the table would have to be read.
+   */
+  l2EntryIfCached(gc: number): L2Entry | null | undefined {
+    const l1Index = Math.floor(gc / this.l2Entries);
+    const l2Offset = l1Index < this.l1.length ? this.l1[l1Index] : 0;
+    if (l2Offset === 0) return null;
+    const table = this.l2Cache.peek(l2Offset);
+    return table && this.decodeAt(table, gc % this.l2Entries, l2Offset);
+  }
+
   async l2Entry(gc: number): Promise<L2Entry | undefined> {
     const l1Index = Math.floor(gc / this.l2Entries);
     const l2Offset = l1Index < this.l1.length ? this.l1[l1Index] : 0;

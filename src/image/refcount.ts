@@ -80,11 +80,15 @@ export class Refcounts {
   }
 
   /** The refcount of host cluster `index` (0 where no refcount block covers it). */
-  async get(index: number): Promise<number> {
+  get(index: number): number | Promise<number> {
     const t = Math.floor(index / this.blockEntries);
     const blockOffset = t < this.table.length ? this.table[t] : 0;
     if (blockOffset === 0) return 0;
-    return getRefcount(await this.block(blockOffset), index % this.blockEntries, this.order);
+    // The block of the previous lookup, or one in the cache, answers without waiting.
+    const block = blockOffset === this.lastOffset ? this.lastBlock : this.blocks.peek(blockOffset);
+    if (block && this.blocks.peek(blockOffset) === block)
+      return getRefcount(block, index % this.blockEntries, this.order);
+    return this.block(blockOffset).then((b) => getRefcount(b, index % this.blockEntries, this.order));
   }
 
   /** Adds `delta` to the refcount of cluster `index`; the block must exist for increments. */
