@@ -1,7 +1,6 @@
 /** The bitmap directory and bitmap table entries (docs/interop/qcow2.rst, "Bitmaps"). */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { QcowError } from "../../src/errors.js";
 import {
   BITMAP_TYPE_DIRTY_TRACKING,
   type BitmapDirectoryEntry,
@@ -12,6 +11,10 @@ import {
   decodeBitmapTableEntry,
   encodeBitmapDirectory,
 } from "../../src/format/bitmap.js";
+import { concatBytes } from "../../src/format/bytes.js";
+import { throwsQcow } from "./assert-qcow.js";
+
+const concat = (...parts: Uint8Array[]): Uint8Array => concatBytes(parts);
 
 interface RawEntry {
   tableOffset: bigint;
@@ -41,25 +44,6 @@ function layEntry(e: RawEntry): Uint8Array {
   buf.set(e.extra, 24);
   buf.set(name, 24 + e.extra.length);
   return buf;
-}
-
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-
-function throwsQcow(fn: () => unknown, code: string, message: RegExp): void {
-  assert.throws(fn, (e: unknown) => {
-    assert.ok(e instanceof QcowError, `expected a QcowError, got ${String(e)}`);
-    assert.equal(e.code, code, `error code for "${e.message}"`);
-    assert.match(e.message, message);
-    return true;
-  });
 }
 
 const ENTRY: RawEntry = {

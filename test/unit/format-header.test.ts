@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { QcowError } from "../../src/errors.js";
+import { concatBytes } from "../../src/format/bytes.js";
 import {
   AUTOCLEAR_BITMAPS,
   AUTOCLEAR_DATA_FILE_RAW,
@@ -27,6 +27,9 @@ import {
   type Qcow2Header,
   QEMU_FEATURE_NAMES,
 } from "../../src/format/header.js";
+import { throwsQcow } from "./assert-qcow.js";
+
+const concat = (...parts: Uint8Array[]): Uint8Array => concatBytes(parts);
 
 // ---------------------------------------------------------------------------------------------
 // Hand layout of a header
@@ -126,25 +129,6 @@ function featureEntry(type: number, bit: number, name: string | Uint8Array): Uin
   e[1] = bit;
   e.set(typeof name === "string" ? new TextEncoder().encode(name) : name, 2);
   return e;
-}
-
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-
-function throwsQcow(fn: () => unknown, code: string, message: RegExp): void {
-  assert.throws(fn, (e: unknown) => {
-    assert.ok(e instanceof QcowError, `expected a QcowError, got ${String(e)}`);
-    assert.equal(e.code, code, `error code for "${e.message}"`);
-    assert.match(e.message, message);
-    return true;
-  });
 }
 
 // ---------------------------------------------------------------------------------------------

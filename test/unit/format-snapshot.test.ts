@@ -1,8 +1,11 @@
 /** The internal snapshot table (docs/interop/qcow2.rst, "Snapshots"), from hand-laid entries. */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { QcowError } from "../../src/errors.js";
+import { concatBytes } from "../../src/format/bytes.js";
 import { decodeSnapshotTable, encodeSnapshotTable, type Snapshot } from "../../src/format/snapshot.js";
+import { throwsQcow } from "./assert-qcow.js";
+
+const concat = (...parts: Uint8Array[]): Uint8Array => concatBytes(parts);
 
 interface RawEntry {
   l1TableOffset: bigint;
@@ -51,25 +54,6 @@ function extraData(vmState: bigint, diskSize?: bigint, icount?: bigint, more: nu
   if (icount !== undefined) dv.setBigInt64(16, icount);
   b.set(more, len);
   return b;
-}
-
-function concat(...parts: Uint8Array[]): Uint8Array {
-  const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));
-  let at = 0;
-  for (const p of parts) {
-    out.set(p, at);
-    at += p.length;
-  }
-  return out;
-}
-
-function throwsQcow(fn: () => unknown, code: string, message: RegExp): void {
-  assert.throws(fn, (e: unknown) => {
-    assert.ok(e instanceof QcowError, `expected a QcowError, got ${String(e)}`);
-    assert.equal(e.code, code, `error code for "${e.message}"`);
-    assert.match(e.message, message);
-    return true;
-  });
 }
 
 const V2_ENTRY: RawEntry = {

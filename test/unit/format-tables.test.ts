@@ -5,7 +5,6 @@
  */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { QcowError } from "../../src/errors.js";
 import {
   ClusterType,
   decodeCompressed,
@@ -23,6 +22,7 @@ import {
   setRefcount,
   subclusterType,
 } from "../../src/format/tables.js";
+import { throwsQcow } from "./assert-qcow.js";
 
 /** Splits a 64-bit entry into the [hi, lo] halves the codecs take. */
 function halves(entry: bigint): [number, number] {
@@ -31,15 +31,6 @@ function halves(entry: bigint): [number, number] {
 
 function join(hi: number, lo: number): bigint {
   return (BigInt(hi >>> 0) << 32n) | BigInt(lo >>> 0);
-}
-
-function throwsQcow(fn: () => unknown, code: string, message: RegExp): void {
-  assert.throws(fn, (e: unknown) => {
-    assert.ok(e instanceof QcowError, `expected a QcowError, got ${String(e)}`);
-    assert.equal(e.code, code, `error code for "${e.message}"`);
-    assert.match(e.message, message);
-    return true;
-  });
 }
 
 const COPIED = 1n << 63n;
