@@ -53,6 +53,12 @@ function snapshotOption(v: Values): string | undefined {
   return str(v, "s");
 }
 
+/** -U / --force-share: accepted as qemu-img accepts them (qcowkit takes no locks when reading). */
+const SHARE_OPTIONS: Options = {
+  U: { type: "boolean", short: "U" },
+  "force-share": { type: "boolean" },
+};
+
 const info: Command = {
   name: "info",
   synopsis: "qcowkit info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE",
@@ -61,8 +67,7 @@ const info: Command = {
     f: { type: "string", short: "f" },
     output: { type: "string" },
     "backing-chain": { type: "boolean" },
-    U: { type: "boolean", short: "U" },
-    "force-share": { type: "boolean" },
+    ...SHARE_OPTIONS,
   },
   async run(v, p) {
     const file = onePositional(p, "");
@@ -105,8 +110,7 @@ const map: Command = {
     output: { type: "string" },
     "start-offset": { type: "string" },
     "max-length": { type: "string" },
-    U: { type: "boolean", short: "U" },
-    "force-share": { type: "boolean" },
+    ...SHARE_OPTIONS,
   },
   async run(v, p) {
     const file = onePositional(p, "");
@@ -196,8 +200,7 @@ const convertCmd: Command = {
     T: { type: "string", short: "T" },
     p: { type: "boolean", short: "p" },
     q: { type: "boolean", short: "q" },
-    U: { type: "boolean", short: "U" },
-    "force-share": { type: "boolean" },
+    ...SHARE_OPTIONS,
   },
   async run(v, p) {
     if (p.length < 2) throw new ExitError("Expecting image file name(s) and a target");
@@ -287,8 +290,7 @@ const compare: Command = {
     p: { type: "boolean", short: "p" },
     q: { type: "boolean", short: "q" },
     s: { type: "boolean", short: "s" },
-    U: { type: "boolean", short: "U" },
-    "force-share": { type: "boolean" },
+    ...SHARE_OPTIONS,
   },
   async run(v, p) {
     if (p.length !== 2) throw new ExitError("Expecting two image file names", 2);

@@ -1,8 +1,5 @@
 import { corrupt, hex } from "../errors.js";
 
-/** Largest value a JS number holds exactly; 64-bit fields above it are refused. */
-export const MAX_SAFE = Number.MAX_SAFE_INTEGER;
-
 export function view(buf: Uint8Array): DataView {
   return new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
 }
@@ -21,16 +18,8 @@ export function setU64(dv: DataView, at: number, value: number): void {
   dv.setUint32(at + 4, value >>> 0);
 }
 
-/** A 64-bit bit mask kept as a bigint: feature bits are few and never on a hot path. */
-export function getMask(dv: DataView, at: number): bigint {
-  return dv.getBigUint64(at);
-}
-
 export const textDecoder = new TextDecoder("utf-8", { fatal: false });
 export const textEncoder = new TextEncoder();
-
-export const alignUp = (n: number, a: number): number => Math.ceil(n / a) * a;
-export const isAligned = (n: number, a: number): boolean => n % a === 0;
 
 export function concatBytes(parts: Uint8Array[]): Uint8Array {
   const out = new Uint8Array(parts.reduce((n, p) => n + p.length, 0));

@@ -62,6 +62,19 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, base: number
   return out;
 }
 
+/** Bytes the table takes on disk as decoded (entries padded to 8). */
+export function snapshotTableSize(snapshots: Snapshot[]): number {
+  return snapshots.reduce(
+    (n, s) =>
+      n +
+      Math.ceil(
+        (ENTRY_FIXED + s.extra.length + textEncoder.encode(s.id).length + textEncoder.encode(s.name).length) / 8,
+      ) *
+        8,
+    0,
+  );
+}
+
 /** Encodes the table; v3 images get extra data through disk_size (and icount when known). */
 export function encodeSnapshotTable(snapshots: Snapshot[], version: number): Uint8Array {
   const parts = snapshots.map((s) => {

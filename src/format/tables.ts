@@ -4,6 +4,7 @@
  * that no bigint is made per cluster.
  */
 import { corrupt, hex, invalidArgument, unsupported } from "../errors.js";
+import { setU64 } from "./bytes.js";
 
 export const OFLAG_COPIED_HI = 0x8000_0000;
 export const OFLAG_COMPRESSED_HI = 0x4000_0000;
@@ -264,8 +265,7 @@ export function setRefcount(block: DataView, i: number, order: number, value: nu
       block.setUint32(i * 4, value);
       return;
     default:
-      block.setUint32(i * 8, Math.floor(value / 0x1_0000_0000));
-      block.setUint32(i * 8 + 4, value >>> 0);
+      setU64(block, i * 8, value);
   }
 }
 

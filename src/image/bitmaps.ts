@@ -14,7 +14,7 @@ import {
   decodeBitmapTableEntry,
   encodeBitmapDirectory,
 } from "../format/bitmap.js";
-import { view } from "../format/bytes.js";
+import { setU64, view } from "../format/bytes.js";
 import { readFull, type Storage } from "../io/storage.js";
 
 /** Host clusters for new bitmap data (refcount 1 each). */
@@ -107,8 +107,7 @@ export class BitmapTracker {
         let at = e.offset;
         if (at === 0) {
           at = await allocate();
-          table.setUint32(c * 8, Math.floor(at / 0x1_0000_0000));
-          table.setUint32(c * 8 + 4, at >>> 0);
+          setU64(table, c * 8, at);
           tableChanged = true;
         }
         await this.storage.write(data, at);

@@ -10,7 +10,7 @@
  * written and flushed before anything points at them.
  */
 import { corrupt, hex } from "../errors.js";
-import { view } from "../format/bytes.js";
+import { setU64, view } from "../format/bytes.js";
 import type { Qcow2Header } from "../format/header.js";
 import { decodeRefcountTableEntry, getRefcount, maxRefcount, setRefcount } from "../format/tables.js";
 import { readFull, type Storage } from "../io/storage.js";
@@ -227,8 +227,7 @@ export class Refcounts {
   private async writeTableEntry(t: number, offset: number): Promise<void> {
     this.table[t] = offset;
     const e = new Uint8Array(8);
-    view(e).setUint32(0, Math.floor(offset / 0x1_0000_0000));
-    view(e).setUint32(4, offset >>> 0);
+    setU64(view(e), 0, offset);
     await this.storage.write(e, this.tableOffset + t * 8);
   }
 
@@ -236,7 +235,7 @@ export class Refcounts {
     const be = this.blockEntries;
     const cs = this.clusterSize;
     // Start the new area on a refcount block boundary past every cluster in use or about to be.
-    const fileEnd = Math.max(await this.storage.size(), this.structureEnd(), minEntries * be * cs > 2 ** 53 ? 0 : 0);
+    const fileEnd = Math.max(await this.storage.size(), this.structureEnd());
     const usedEnd = Math.max(Math.ceil(fileEnd / cs), (minEntries - 1) * be + 1);
     const areaStart = Math.ceil(usedEnd / be) * be;
     let blocks = 1;
@@ -267,8 +266,7 @@ export class Refcounts {
     const bytes = new Uint8Array(clusters * cs);
     const dv = view(bytes);
     for (let i = 0; i < entries; i++) {
-      dv.setUint32(i * 8, Math.floor(table[i] / 0x1_0000_0000));
-      dv.setUint32(i * 8 + 4, table[i] >>> 0);
+      setU64(dv, i * 8, table[i]);
     }
     await this.storage.write(bytes, tableOffset);
     await this.storage.flush();

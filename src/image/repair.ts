@@ -3,10 +3,10 @@
  * refcounts and COPIED flags in line with them. Used when an image with lazy refcounts was not
  * closed cleanly (the dirty bit): before it is written, its refcounts are rebuilt.
  */
-import { corrupt, hex } from "../errors.js";
 import { decodeBitmapTableEntry } from "../format/bitmap.js";
 import { view } from "../format/bytes.js";
 import { INCOMPAT_DATA_FILE } from "../format/header.js";
+import { snapshotTableSize } from "../format/snapshot.js";
 import { ClusterType, decodeL1Entry, encodeL1Entry } from "../format/tables.js";
 import { readFull } from "../io/storage.js";
 import type { Qcow2Image } from "./qcow2.js";
@@ -70,12 +70,8 @@ export async function countReferences(img: Qcow2Image, refcounts: Refcounts): Pr
   };
   await countL1(h.l1TableOffset, h.l1Size);
   if (h.nbSnapshots > 0) {
-    let tableBytes = 0;
-    for (const sn of img.snapshots) {
-      tableBytes += Math.ceil((40 + sn.extra.length + new TextEncoder().encode(sn.id + sn.name).length) / 8) * 8;
-      await countL1(sn.l1TableOffset, sn.l1Size);
-    }
-    refs.add(h.snapshotsOffset, tableBytes, cs);
+    for (const sn of img.snapshots) await countL1(sn.l1TableOffset, sn.l1Size);
+    refs.add(h.snapshotsOffset, snapshotTableSize(img.snapshots), cs);
   }
   refs.add(refcounts.tableOffset, refcounts.tableClusters * cs, cs);
   for (const offset of refcounts.blockOffsets()) refs.add(offset, cs, cs);
@@ -160,5 +156,4 @@ async function fixCopiedFlags(img: Qcow2Image, refcounts: Refcounts): Promise<vo
     }
     if (dirty) await img.storage.write(new Uint8Array(table.buffer, table.byteOffset, table.byteLength), l2Offset);
   }
-  if (h.l1Size > img.l1.length) throw corrupt(`L1 table at ${hex(h.l1TableOffset)} changed size while repairing`);
 }

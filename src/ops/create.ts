@@ -3,7 +3,7 @@
  * QEMU lays it out: header, refcount table, refcount block(s), L1 table.
  */
 import { invalidArgument } from "../errors.js";
-import { view } from "../format/bytes.js";
+import { setU64, view } from "../format/bytes.js";
 import {
   AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
@@ -166,8 +166,7 @@ export async function writeEmptyQcow2(storage: Storage, opts: Qcow2CreateOptions
   const table = view(image.subarray(cs, (1 + tableClusters) * cs));
   for (let b = 0; b < blocks; b++) {
     const offset = (1 + tableClusters + b) * cs;
-    table.setUint32(b * 8, Math.floor(offset / 0x1_0000_0000));
-    table.setUint32(b * 8 + 4, offset >>> 0);
+    setU64(table, b * 8, offset);
     const block = view(image.subarray(offset, offset + cs));
     for (let i = 0; i < blockEntries; i++) {
       const cluster = b * blockEntries + i;

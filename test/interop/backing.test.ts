@@ -24,11 +24,7 @@ const { KiB, MiB } = sizes;
 describe("backing chains", () => {
   const tmp = useTempDir("backing");
 
-  async function caseDir(name: string): Promise<string> {
-    const dir = tmp.file(name);
-    await fs.mkdir(dir, { recursive: true });
-    return dir;
-  }
+  const caseDir = tmp.caseDir;
 
   async function create(file: string, size: string | undefined, options: string[], cwd?: string): Promise<void> {
     const o = options.length > 0 ? ["-o", options.join(",")] : [];

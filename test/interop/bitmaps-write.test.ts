@@ -49,7 +49,12 @@ test("an enabled bitmap records qcowkit's writes, zero writes and discards as QE
   await img.discard(20 << 20, 2 << 20);
   await img.write(new Uint8Array(100).fill(9), (40 << 20) + 12345);
   await img.close();
-  await qemuIoOk(theirs, ["write -P 7 5M 70000", "write -z 9M 1M", "discard 20M 2M", `write -P 9 ${(40 << 20) + 12345} 100`]);
+  await qemuIoOk(theirs, [
+    "write -P 7 5M 70000",
+    "write -z 9M 1M",
+    "discard 20M 2M",
+    `write -P 9 ${(40 << 20) + 12345} 100`,
+  ]);
 
   const check = await qemuImgOk(["check", "--output=json", ours]);
   const result = JSON.parse(check.stdout);

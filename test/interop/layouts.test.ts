@@ -26,12 +26,7 @@ const { KiB, MiB } = sizes;
 describe("qcow2 layouts written by QEMU", () => {
   const tmp = useTempDir("layouts");
 
-  /** A fresh directory per test, so that every file name in outputs is short and predictable. */
-  async function caseDir(name: string): Promise<string> {
-    const dir = tmp.file(name);
-    await fs.mkdir(dir);
-    return dir;
-  }
+  const caseDir = tmp.caseDir;
 
   async function create(dir: string, name: string, size: string, options: string[] = []): Promise<string> {
     const img = path.join(dir, name);

@@ -2,7 +2,6 @@
  * Internal snapshots: the snapshot table in info, and convert -l snapshot.name=NAME / -s NAME must
  * read each snapshot's L1 table as qemu-img does.
  */
-import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { describe, test } from "node:test";
 import { assertAllMatch, qemuImgOk, qemuIoOk, useTempDir } from "./util.js";
@@ -10,11 +9,7 @@ import { assertAllMatch, qemuImgOk, qemuIoOk, useTempDir } from "./util.js";
 describe("internal snapshots", () => {
   const tmp = useTempDir("snapshots");
 
-  async function caseDir(name: string): Promise<string> {
-    const dir = tmp.file(name);
-    await fs.mkdir(dir);
-    return dir;
-  }
+  const caseDir = tmp.caseDir;
 
   /**
    * For each snapshot: -l snapshot.name=NAME, qemu-img's -l NAME shorthand, and -s NAME (which

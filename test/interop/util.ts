@@ -222,7 +222,12 @@ export function removeTempDir(dir: string): Promise<void> {
  * Registers before/after hooks in the current scope that create and remove a temp dir.
  * `dir()` is valid inside tests.
  */
-export function useTempDir(tag: string): { dir(): string; file(...parts: string[]): string } {
+export function useTempDir(tag: string): {
+  dir(): string;
+  file(...parts: string[]): string;
+  /** A fresh subdirectory per test case, so file names in outputs stay short and predictable. */
+  caseDir(name: string): Promise<string>;
+} {
   let dir: string | undefined;
   before(async () => {
     dir = await makeTempDir(tag);
@@ -234,7 +239,12 @@ export function useTempDir(tag: string): { dir(): string; file(...parts: string[
     if (dir === undefined) throw new Error("temp dir used outside a test");
     return dir;
   };
-  return { dir: get, file: (...parts) => path.join(get(), ...parts) };
+  const file = (...parts: string[]): string => path.join(get(), ...parts);
+  const caseDir = async (name: string): Promise<string> => {
+    await fs.mkdir(file(name), { recursive: true });
+    return file(name);
+  };
+  return { dir: get, file, caseDir };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,12 +24,10 @@ import { describe, test } from "node:test";
 import type { Qcow2Image } from "../../src/image/qcow2.js";
 import { FileStorage, openImageFile } from "../../src/node.js";
 import { type Qcow2CreateOptions, writeEmptyQcow2 } from "../../src/ops/create.js";
-import { qcowkit, qemuImg, qemuImgOk, qemuIo, sizes, useTempDir, writeSparseRaw } from "./util.js";
 import { BASE_SEED, Prng } from "../prng.js";
+import { qcowkit, qemuImg, qemuImgOk, qemuIo, sizes, useTempDir, writeSparseRaw } from "./util.js";
 
 const { KiB, MiB } = sizes;
-
-
 
 /** Data for a write: mostly random, sometimes a compressible pattern, sometimes all zeros. */
 function payload(r: Prng, n: number): Uint8Array {

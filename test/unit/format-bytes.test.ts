@@ -2,7 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { QcowError } from "../../src/errors.js";
-import { alignUp, getMask, getU64, isAligned, setU64, view } from "../../src/format/bytes.js";
+import { getU64, setU64, view } from "../../src/format/bytes.js";
 
 test("view: respects the byte offset of a subarray", () => {
   const buf = Uint8Array.of(0, 0, 0, 0, 0x12, 0x34, 0x56, 0x78);
@@ -40,18 +40,4 @@ test("setU64: writes both halves big-endian", () => {
     setU64(view(buf), 0, v);
     assert.equal(new DataView(buf.buffer).getBigUint64(0), BigInt(v));
   }
-});
-
-test("getMask: a full 64-bit mask", () => {
-  const buf = Uint8Array.of(0x80, 0, 0, 0, 0, 0, 0, 0x11);
-  assert.equal(getMask(view(buf), 0), 0x8000_0000_0000_0011n);
-});
-
-test("alignUp and isAligned", () => {
-  assert.equal(alignUp(0, 512), 0);
-  assert.equal(alignUp(1, 512), 512);
-  assert.equal(alignUp(512, 512), 512);
-  assert.equal(alignUp(2 ** 40 + 1, 65536), 2 ** 40 + 65536);
-  assert.equal(isAligned(0x3_0000, 65536), true);
-  assert.equal(isAligned(0x3_0200, 65536), false);
 });

@@ -26,11 +26,9 @@ import { constants, deflateRawSync } from "node:zlib";
 import { nodeCodecs } from "../../src/codec/node.js";
 import { Qcow2Image } from "../../src/image/qcow2.js";
 import { MemoryStorage } from "../../src/io/memory.js";
+import { BASE_SEED, Prng } from "../prng.js";
 import { buildImage, type ClusterSpec, noise, pattern, qemuImg, withTempDir } from "./build-image.js";
 import { DelayStorage } from "./crash-storage.js";
-import { BASE_SEED, Prng } from "../prng.js";
-
-
 
 type ReqKind = "write" | "zero" | "discard" | "compressed" | "flush" | "read";
 

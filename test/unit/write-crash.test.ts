@@ -21,11 +21,9 @@ import { nodeCodecs } from "../../src/codec/node.js";
 import { Qcow2Image } from "../../src/image/qcow2.js";
 import { MemoryStorage } from "../../src/io/memory.js";
 import { type Qcow2CreateOptions, writeEmptyQcow2 } from "../../src/ops/create.js";
+import { BASE_SEED, Prng } from "../prng.js";
 import { buildImage, type ClusterSpec, noise, pattern, qemuImg, withTempDir } from "./build-image.js";
 import { CrashStorage, type StorageOp, tornWrite } from "./crash-storage.js";
-import { BASE_SEED, Prng } from "../prng.js";
-
-
 
 /** A guest request of the workload and what it left the guest reading over its range. */
 interface GuestOp {
