@@ -94,7 +94,7 @@ export interface HeaderExtensions {
 export function decodeHeader(buf: Uint8Array): Qcow2Header {
   if (buf.length < V2_HEADER_LENGTH) throw corrupt(`qcow2 header truncated: ${buf.length} bytes`);
   const dv = view(buf);
-  if (dv.getUint32(0) !== QCOW2_MAGIC) throw corrupt("Image is not in qcow2 format (bad magic)");
+  if (dv.getUint32(0) !== QCOW2_MAGIC) throw corrupt("Image is not in qcow2 format");
   const version = dv.getUint32(4);
   if (version !== 2 && version !== 3) throw unsupported(`Unsupported qcow2 version ${version}`);
   const clusterBits = dv.getUint32(20);

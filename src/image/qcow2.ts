@@ -630,7 +630,7 @@ async function readL1(
   return { offsets, copied };
 }
 
-async function readSnapshotTable(storage: Storage, h: Qcow2Header): Promise<Snapshot[]> {
+export async function readSnapshotTable(storage: Storage, h: Qcow2Header): Promise<Snapshot[]> {
   if (h.nbSnapshots === 0) return [];
   const available = Math.max(0, (await storage.size()) - h.snapshotsOffset);
   return readGrowing(storage, h.snapshotsOffset, Math.min(MAX_SNAPSHOT_TABLE_BYTES, available), (buf) =>
@@ -661,7 +661,7 @@ async function readGrowing<T>(
   }
 }
 
-async function readBitmapDirectory(
+export async function readBitmapDirectory(
   storage: Storage,
   h: Qcow2Header,
   ext: HeaderExtensions,

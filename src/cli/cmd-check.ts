@@ -1,0 +1,129 @@
+/** qcowkit check: qemu-img check's findings, summary, JSON and exit codes (0/1/2/3/63). */
+import { QcowError } from "../errors.js";
+import { CheckFailed, type CheckResult, checkQcow2, FIX_ERRORS, FIX_LEAKS } from "../image/check.js";
+import { probeFormat } from "../image/open.js";
+import { FileStorage } from "../io/file.js";
+import type { Command } from "./commands.js";
+import { ExitError, formatOption } from "./exit.js";
+import { printf2 } from "./progress.js";
+import { toQemuJson } from "./qobject.js";
+
+function fixMode(r: string | undefined): number {
+  if (r === undefined) return 0;
+  if (r === "leaks") return FIX_LEAKS;
+  if (r === "all") return FIX_LEAKS | FIX_ERRORS;
+  throw new ExitError(
+    `Unknown option value for -r (expecting 'leaks' or 'all'): ${r}\nTry 'qcowkit --help' for more information`,
+  );
+}
+
+function human(c: CheckResult): string {
+  let out = "";
+  if (!(c.corruptions || c.leaks || c.checkErrors)) {
+    out += "No errors were found on the image.\n";
+  } else {
+    if (c.corruptions) {
+      out += `\n${c.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`;
+    }
+    if (c.leaks) {
+      out += `\n${c.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`;
+    }
+    if (c.checkErrors) out += `\n${c.checkErrors} internal errors have occurred during the check.\n`;
+  }
+  if (c.totalClusters !== 0 && c.allocatedClusters !== 0) {
+    out +=
+      `${c.allocatedClusters}/${c.totalClusters} = ${printf2((c.allocatedClusters * 100) / c.totalClusters)}% allocated, ` +
+      `${printf2((c.fragmentedClusters * 100) / c.allocatedClusters)}% fragmented, ` +
+      `${printf2((c.compressedClusters * 100) / c.allocatedClusters)}% compressed clusters\n`;
+  }
+  if (c.imageEndOffset) out += `Image end offset: ${c.imageEndOffset}\n`;
+  return out;
+}
+
+/** The ImageCheck QAPI object: fields in its schema order, optional ones only when non-zero. */
+function json(c: CheckResult, filename: string): string {
+  const opt = (n: number): number | undefined => (n !== 0 ? n : undefined);
+  return toQemuJson({
+    filename,
+    format: "qcow2",
+    "check-errors": c.checkErrors,
+    "image-end-offset": opt(c.imageEndOffset),
+    corruptions: opt(c.corruptions),
+    leaks: opt(c.leaks),
+    "corruptions-fixed": opt(c.corruptionsFixed),
+    "leaks-fixed": opt(c.leaksFixed),
+    "total-clusters": opt(c.totalClusters),
+    "allocated-clusters": opt(c.allocatedClusters),
+    "fragmented-clusters": opt(c.fragmentedClusters),
+    "compressed-clusters": opt(c.compressedClusters),
+  });
+}
+
+export const check: Command = {
+  name: "check",
+  synopsis: "qcowkit check [-q] [-f FMT] [--output human|json] [-r leaks|all] [-U] FILE",
+  help: [
+    "Checks a qcow2 image for consistency, as qemu-img check does: every reference to every host",
+    "cluster is counted and compared with the refcounts, and the COPIED flags with them.",
+    "",
+    "  -r leaks   free leaked clusters",
+    "  -r all     also repair refcounts, COPIED flags and broken refcount structures",
+    "  --output   human (default) or json",
+    "  -q         print nothing on stdout",
+    "",
+    "Exit status: 0 clean, 1 check failed, 2 corruptions, 3 leaks only, 63 format without checks.",
+  ].join("\n"),
+  options: {
+    f: { type: "string", short: "f" },
+    output: { type: "string" },
+    r: { type: "string", short: "r" },
+    q: { type: "boolean", short: "q" },
+    T: { type: "string", short: "T" },
+    U: { type: "boolean", short: "U" },
+    "force-share": { type: "boolean" },
+  },
+  async run(v, p) {
+    if (p.length !== 1) throw new ExitError("Expecting one image file name");
+    const file = p[0];
+    const output = (v.output as string | undefined) ?? "human";
+    if (output !== "human" && output !== "json")
+      throw new ExitError("--output must be used with human or json as argument.");
+    const fix = fixMode(v.r as string | undefined);
+    const quiet = v.q === true;
+    const say = (s: string): void => {
+      if (!quiet) process.stdout.write(s);
+    };
+    const storage = await FileStorage.open(file, { readOnly: fix === 0 });
+    try {
+      const format = formatOption(v.f as string | undefined) ?? (await probeFormat(storage));
+      if (format !== "qcow2") throw new ExitError("This image format does not support checks", 63);
+      const log = (line: string): void => {
+        process.stderr.write(`${line}\n`);
+      };
+      const run = async (mode: number): Promise<CheckResult> => {
+        try {
+          return await checkQcow2(storage, { fix: mode, log });
+        } catch (e) {
+          if (e instanceof CheckFailed) throw new ExitError(`Check failed: ${e.message}`);
+          if (e instanceof QcowError) throw new ExitError(`Could not open '${file}': ${e.message}`);
+          throw e;
+        }
+      };
+      let result = await run(fix);
+      if (result.corruptionsFixed || result.leaksFixed) {
+        if (output === "human") {
+          say(
+            `The following inconsistencies were found and repaired:\n\n    ${result.leaksFixed} leaked clusters\n    ${result.corruptionsFixed} corruptions\n\nDouble checking the fixed image now...\n`,
+          );
+        }
+        const { leaksFixed, corruptionsFixed } = result;
+        result = { ...(await run(0)), leaksFixed, corruptionsFixed };
+      }
+      say(output === "human" ? human(result) : `${json(result, file)}\n`);
+      if (result.checkErrors) throw new ExitError("Check failed");
+      return result.corruptions ? 2 : result.leaks ? 3 : 0;
+    } finally {
+      await storage.close();
+    }
+  },
+};

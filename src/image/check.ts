@@ -1,0 +1,813 @@
+/**
+ * Checking a qcow2 image for consistency and repairing it, as QEMU's qcow2_co_check does
+ * (block/qcow2-refcount.c): every reference to a host cluster — header, active and snapshot
+ * L1/L2 tables, data, snapshot table, refcount table and blocks, encryption header, bitmap
+ * directory, tables and data — is counted into an in-memory refcount array and compared with
+ * the refcounts on disk; the COPIED flags of the active tables are compared with "refcount is
+ * one". Findings are reported one line each, in QEMU's words, and counted as corruptions,
+ * leaks or internal errors.
+ *
+ * The check reads the raw tables itself instead of going through Qcow2Image, because an image
+ * under check may hold entries the engine would refuse (reserved bits, unaligned offsets).
+ *
+ * Repair (fix LEAKS and/or ERRORS) writes in an order that a crash cannot make worse:
+ * - refcount corrections touch only existing refcount blocks, one entry at a time;
+ * - a rebuilt refcount structure is written past every cluster in use and flushed before the
+ *   header points at it; the old one becomes leaked clusters, freed afterwards;
+ * - COPIED flags are corrected last, after the refcounts they follow are durable.
+ * Unlike QEMU, a refcount block beyond the end of the file is repaired by rebuilding the
+ * refcount structure rather than by growing the file to reach it.
+ */
+
+import type { BitmapDirectoryEntry } from "../format/bitmap.js";
+import { decodeBitmapTableEntry } from "../format/bitmap.js";
+import { setU64, view } from "../format/bytes.js";
+import {
+  AUTOCLEAR_KNOWN,
+  type HeaderExtensions,
+  INCOMPAT_CORRUPT,
+  INCOMPAT_DATA_FILE,
+  INCOMPAT_DIRTY,
+  INCOMPAT_EXTL2,
+  type Qcow2Header,
+} from "../format/header.js";
+import { type Snapshot, snapshotTableSize } from "../format/snapshot.js";
+import { getRefcount, maxRefcount, setRefcount } from "../format/tables.js";
+import type { Storage } from "../io/storage.js";
+import { Qcow2Image, readBitmapDirectory, readSnapshotTable } from "./qcow2.js";
+
+/** What a check may repair (QEMU's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS). */
+export const FIX_LEAKS = 1;
+export const FIX_ERRORS = 2;
+
+export interface CheckResult {
+  checkErrors: number;
+  corruptions: number;
+  leaks: number;
+  corruptionsFixed: number;
+  leaksFixed: number;
+  /** End of the last cluster in use (0 when unknown). */
+  imageEndOffset: number;
+  /** Guest clusters of the virtual disk. */
+  totalClusters: number;
+  /** Active-layer clusters with a host cluster (or compressed data). */
+  allocatedClusters: number;
+  fragmentedClusters: number;
+  compressedClusters: number;
+}
+
+export interface CheckOptions {
+  /** FIX_LEAKS | FIX_ERRORS, or 0 to only look. */
+  fix?: number;
+  /** Receives each finding, in QEMU's words (qemu-img prints them on stderr). */
+  log?: (line: string) => void;
+}
+
+const emptyResult = (): CheckResult => ({
+  checkErrors: 0,
+  corruptions: 0,
+  leaks: 0,
+  corruptionsFixed: 0,
+  leaksFixed: 0,
+  imageEndOffset: 0,
+  totalClusters: 0,
+  allocatedClusters: 0,
+  fragmentedClusters: 0,
+  compressedClusters: 0,
+});
+
+// Bit masks of the 64-bit entries, as two 32-bit halves (hi, lo).
+const L1_RESERVED_HI = 0x7f00_0000;
+const L1_RESERVED_LO = 0x1ff;
+const OFFSET_HI = 0x00ff_ffff; // bits 32-55 of L1E/L2E_OFFSET_MASK
+const OFFSET_LO = 0xffff_fe00;
+const L2_STD_RESERVED_HI = 0x3f00_0000;
+const L2_STD_RESERVED_LO = 0x1fe;
+const COPIED_HI = 0x8000_0000;
+const COMPRESSED_HI = 0x4000_0000;
+const REFT_RESERVED_LO = 0x1ff;
+
+const hex64 = (hi: number, lo: number): string =>
+  hi === 0 ? (lo >>> 0).toString(16) : hi.toString(16) + (lo >>> 0).toString(16).padStart(8, "0");
+const offsetOf = (hi: number, lo: number): number => (hi & OFFSET_HI) * 2 ** 32 + ((lo & OFFSET_LO) >>> 0);
+
+/** The in-memory refcount array (QEMU's IMRT): references counted per host cluster. */
+class ReferenceArray {
+  counts: Uint32Array;
+  constructor(
+    public clusters: number,
+    readonly max: number,
+  ) {
+    this.counts = new Uint32Array(Math.max(1, clusters));
+  }
+  get(c: number): number {
+    return c < this.clusters ? this.counts[c] : 0;
+  }
+  set(c: number, v: number): void {
+    this.grow(c + 1);
+    this.counts[c] = v;
+  }
+  grow(clusters: number): void {
+    if (clusters <= this.clusters) return;
+    if (clusters > this.counts.length) {
+      const n = new Uint32Array(Math.max(clusters, this.counts.length * 2));
+      n.set(this.counts);
+      this.counts = n;
+    }
+    this.clusters = clusters;
+  }
+}
+
+/** The refcounts as the image's refcount table and blocks say, read without trusting them. */
+class OnDiskRefcounts {
+  private cache = new Map<number, DataView>();
+  private signalled = false;
+  constructor(
+    private readonly c: Checker,
+    readonly tableHi: Uint32Array,
+    readonly tableLo: Uint32Array,
+  ) {}
+
+  get entries(): number {
+    return this.tableHi.length;
+  }
+
+  blockOffset(t: number): number {
+    return this.tableHi[t] * 2 ** 32 + ((this.tableLo[t] & ~REFT_RESERVED_LO) >>> 0);
+  }
+
+  /** The refcount of cluster `index`, or an Error when its refcount block is unusable. */
+  async get(index: number): Promise<number | Error> {
+    const t = Math.floor(index / this.c.blockEntries);
+    const block = await this.blockAt(t);
+    if (block === null || block instanceof Error) return block ?? 0;
+    return getRefcount(block, index % this.c.blockEntries, this.c.h.refcountOrder);
+  }
+
+  /** Refcount block `t`: null where the table has none, an Error where its offset is unusable. */
+  async blockAt(t: number): Promise<DataView | null | Error> {
+    if (t >= this.entries) return null;
+    const offset = this.blockOffset(t);
+    if (offset === 0) return null;
+    if (offset % this.c.cs !== 0) {
+      if (!this.signalled) {
+        this.signalled = true;
+        this.c.log(
+          `qcow2: Image is corrupt: Refblock offset 0x${offset.toString(16)} unaligned (reftable index: ${t === 0 ? "0" : `0x${t.toString(16)}`}); further non-fatal corruption events will be suppressed`,
+        );
+      }
+      return new Error("Input/output error");
+    }
+    return this.block(offset);
+  }
+
+  /** Sets the refcount of cluster `index`, whose refcount block exists. */
+  async set(index: number, value: number): Promise<void> {
+    const offset = this.blockOffset(Math.floor(index / this.c.blockEntries));
+    const block = await this.block(offset);
+    const i = index % this.c.blockEntries;
+    setRefcount(block, i, this.c.h.refcountOrder, value);
+    // Write the bytes of the entry only: a sub-byte entry shares its byte with neighbours, which
+    // this block (the latest) already holds.
+    const bits = 2 ** this.c.h.refcountOrder;
+    const first = Math.floor((i * bits) / 8);
+    const last = Math.floor(((i + 1) * bits - 1) / 8);
+    await this.c.s.write(new Uint8Array(block.buffer, block.byteOffset + first, last - first + 1), offset + first);
+  }
+
+  private async block(offset: number): Promise<DataView> {
+    let b = this.cache.get(offset);
+    if (b) {
+      this.cache.delete(offset);
+      this.cache.set(offset, b);
+      return b;
+    }
+    b = view(await this.c.read(offset, this.c.cs));
+    this.cache.set(offset, b);
+    if (this.cache.size > 64) this.cache.delete(this.cache.keys().next().value as number);
+    return b;
+  }
+}
+
+const CHECK_FRAG_INFO = 1;
+
+/** One run of the check over an open storage; `run` may repeat it after a rebuild. */
+class Checker {
+  readonly cs: number;
+  readonly blockEntries: number;
+  readonly extendedL2: boolean;
+  readonly externalData: boolean;
+  readonly entryBytes: number;
+  readonly l2Entries: number;
+  readonly refcountMax: number;
+  fileSize = 0;
+  disk!: OnDiskRefcounts;
+  res: CheckResult = emptyResult();
+
+  constructor(
+    readonly s: Storage,
+    public h: Qcow2Header,
+    readonly ext: HeaderExtensions,
+    readonly snapshots: Snapshot[],
+    readonly bitmaps: BitmapDirectoryEntry[],
+    readonly log: (line: string) => void,
+  ) {
+    this.cs = 2 ** h.clusterBits;
+    this.blockEntries = (this.cs * 8) / 2 ** h.refcountOrder;
+    this.extendedL2 = (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
+    this.externalData = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
+    this.entryBytes = this.extendedL2 ? 16 : 8;
+    this.l2Entries = this.cs / this.entryBytes;
+    this.refcountMax = maxRefcount(h.refcountOrder);
+  }
+
+  async read(offset: number, length: number): Promise<Uint8Array> {
+    const b = new Uint8Array(length);
+    const n = await this.s.read(b, offset);
+    if (n < length) b.fill(0, n);
+    return b;
+  }
+
+  async loadRefcountTable(): Promise<void> {
+    const entries = (this.h.refcountTableClusters * this.cs) / 8;
+    const dv = view(await this.read(this.h.refcountTableOffset, entries * 8));
+    const hi = new Uint32Array(entries);
+    const lo = new Uint32Array(entries);
+    for (let i = 0; i < entries; i++) {
+      hi[i] = dv.getUint32(i * 8);
+      lo[i] = dv.getUint32(i * 8 + 4);
+    }
+    this.disk = new OnDiskRefcounts(this, hi, lo);
+  }
+
+  /** Counts one reference to every cluster of [offset, offset+size) (qcow2_inc_refcounts_imrt). */
+  inc(refs: ReferenceArray, offset: number, size: number): void {
+    if (size <= 0) return;
+    // The last cluster of an image may be partly allocated; more than that is an error.
+    if (offset + size - this.fileSize >= this.cs) {
+      this.log(
+        `ERROR: counting reference for region exceeding the end of the file by one cluster or more: offset 0x${offset.toString(16)} size 0x${size.toString(16)}`,
+      );
+      this.res.corruptions++;
+      return;
+    }
+    const first = Math.floor(offset / this.cs);
+    const last = Math.floor((offset + size - 1) / this.cs);
+    refs.grow(last + 1);
+    for (let k = first; k <= last; k++) {
+      const r = refs.counts[k];
+      if (r === this.refcountMax) {
+        this.log(`ERROR: overflow cluster offset=0x${(k * this.cs).toString(16)}`);
+        this.log(
+          "Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing",
+        );
+        this.res.corruptions++;
+        continue;
+      }
+      refs.counts[k] = r + 1;
+    }
+  }
+
+  async checkL2(refs: ReferenceArray, l2Offset: number, flags: number, fix: number): Promise<void> {
+    const table = await this.read(l2Offset, this.cs);
+    const dv = view(table);
+    let nextContiguous = 0;
+    const res = this.res;
+    for (let i = 0; i < this.l2Entries; i++) {
+      const at = i * this.entryBytes;
+      let hi = dv.getUint32(at);
+      const lo = dv.getUint32(at + 4);
+      const bmZero = this.extendedL2 ? dv.getUint32(at + 8) : 0;
+      const bmAlloc = this.extendedL2 ? dv.getUint32(at + 12) : 0;
+      const compressed = (hi & COMPRESSED_HI) !== 0;
+      if (!compressed && ((hi & L2_STD_RESERVED_HI) !== 0 || (lo & L2_STD_RESERVED_LO) !== 0)) {
+        this.log(`ERROR found l2 entry with reserved bits set: ${hex64(hi, lo)}`);
+        res.corruptions++;
+      }
+      if (compressed) {
+        const offsetBits = 62 - (this.h.clusterBits - 8);
+        // Split the 64-bit entry into the host offset (low offsetBits bits) and sector count.
+        const x = BigInt(hi >>> 0) * 2n ** 32n + BigInt(lo >>> 0);
+        if (hi & COPIED_HI) {
+          this.log(
+            `ERROR: coffset=0x${(x & ((1n << BigInt(offsetBits)) - 1n)).toString(16)}: copied flag must never be set for compressed clusters`,
+          );
+          hi &= ~COPIED_HI;
+          res.corruptions++;
+        }
+        const y = BigInt(hi >>> 0) * 2n ** 32n + BigInt(lo >>> 0);
+        if (this.externalData) {
+          this.log(`ERROR compressed cluster ${i} with data file, entry=0x${y.toString(16)}`);
+          res.corruptions++;
+          continue;
+        }
+        if (bmZero !== 0 || bmAlloc !== 0) {
+          this.log(
+            `ERROR compressed cluster ${i} with non-zero subcluster allocation bitmap, entry=0x${y.toString(16)}`,
+          );
+          res.corruptions++;
+          continue;
+        }
+        const coffset = Number(y & ((1n << BigInt(offsetBits)) - 1n));
+        const sectors = Number((y >> BigInt(offsetBits)) & ((1n << BigInt(this.h.clusterBits - 8)) - 1n)) + 1;
+        this.inc(refs, coffset, sectors * 512 - (coffset % 512));
+        if (flags & CHECK_FRAG_INFO) {
+          res.allocatedClusters++;
+          res.compressedClusters++;
+          // Compressed clusters are fragmented by nature (QEMU counts them so).
+          res.fragmentedClusters++;
+        }
+        continue;
+      }
+      const offset = offsetOf(hi, lo);
+      const zeroFlag = !this.extendedL2 && (lo & 1) !== 0;
+      const allocated = offset !== 0 || (this.externalData && (hi & COPIED_HI) !== 0);
+      if (!allocated) {
+        if (!zeroFlag && (bmAlloc & 0xffff_ffff) !== 0) {
+          this.log("ERROR: Unallocated cluster has non-zero subcluster allocation map");
+          res.corruptions++;
+        }
+        continue;
+      }
+      if ((bmZero & bmAlloc) !== 0) {
+        this.log(`ERROR offset=${offset.toString(16)}: Allocated cluster has corrupted subcluster allocation bitmap`);
+        res.corruptions++;
+      }
+      if (offset % this.cs !== 0) {
+        res.corruptions++;
+        const containsData = this.extendedL2 ? bmAlloc !== 0 : !zeroFlag;
+        if (!containsData) {
+          const fixing = (fix & FIX_ERRORS) !== 0;
+          this.log(
+            `${fixing ? "Repairing" : "ERROR"} offset=${offset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
+          );
+          if (fixing) {
+            // Make it a plain zero cluster: it reads as zeros either way.
+            const e = new Uint8Array(this.entryBytes);
+            if (!this.extendedL2) view(e).setUint32(4, 1);
+            else view(e).setUint32(8, 0xffff_ffff);
+            await this.s.write(e, l2Offset + at);
+            res.corruptions--;
+            res.corruptionsFixed++;
+            continue;
+          }
+        } else {
+          this.log(`ERROR offset=${offset.toString(16)}: Data cluster is not properly aligned; L2 entry corrupted.`);
+        }
+      }
+      if (flags & CHECK_FRAG_INFO) {
+        res.allocatedClusters++;
+        if (nextContiguous !== 0 && offset !== nextContiguous) res.fragmentedClusters++;
+        nextContiguous = offset + this.cs;
+      }
+      if (!this.externalData) this.inc(refs, offset, this.cs);
+    }
+  }
+
+  async checkL1(
+    refs: ReferenceArray,
+    l1Offset: number,
+    l1Size: number,
+    flags: number,
+    fix: number,
+    activeL2?: Set<number>,
+  ): Promise<void> {
+    this.inc(refs, l1Offset, l1Size * 8);
+    if (l1Size === 0) return;
+    const dv = view(await this.read(l1Offset, l1Size * 8));
+    for (let i = 0; i < l1Size; i++) {
+      const hi = dv.getUint32(i * 8);
+      const lo = dv.getUint32(i * 8 + 4);
+      if (hi === 0 && lo === 0) continue;
+      if ((hi & L1_RESERVED_HI) !== 0 || (lo & L1_RESERVED_LO) !== 0) {
+        this.log(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
+        this.res.corruptions++;
+      }
+      const l2Offset = offsetOf(hi, lo);
+      this.inc(refs, l2Offset, this.cs);
+      if (l2Offset % this.cs !== 0) {
+        this.log(`ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
+        this.res.corruptions++;
+      }
+      activeL2?.add(Math.floor(l2Offset / this.cs));
+      await this.checkL2(refs, l2Offset, flags, fix);
+    }
+  }
+
+  /** Refcount blocks: aligned, inside the file, referenced exactly once (check_refblocks). */
+  checkRefblocks(refs: ReferenceArray, fix: number): boolean {
+    let rebuild = false;
+    const d = this.disk;
+    for (let i = 0; i < d.entries; i++) {
+      if ((d.tableLo[i] & REFT_RESERVED_LO) !== 0) {
+        this.log(`ERROR refcount table entry ${i} has reserved bits set`);
+        this.res.corruptions++;
+        rebuild = true;
+        continue;
+      }
+      const offset = d.blockOffset(i);
+      if (offset % this.cs !== 0) {
+        this.log(`ERROR refcount block ${i} is not cluster aligned; refcount table entry corrupted`);
+        this.res.corruptions++;
+        rebuild = true;
+        continue;
+      }
+      const cluster = offset / this.cs;
+      if (cluster >= refs.clusters && offset !== 0) {
+        this.log(`ERROR refcount block ${i} is outside image`);
+        this.res.corruptions++;
+        // QEMU grows the file to reach the block; a rebuilt structure simply leaves it out.
+        if (fix & FIX_ERRORS) rebuild = true;
+        continue;
+      }
+      if (offset !== 0) {
+        this.inc(refs, offset, this.cs);
+        if (refs.get(cluster) !== 1) {
+          this.log(`ERROR refcount block ${i} refcount=${refs.get(cluster)}`);
+          this.res.corruptions++;
+          rebuild = true;
+        }
+      }
+    }
+    return rebuild;
+  }
+
+  /** Counts every reference of the image into a fresh array (calculate_refcounts). */
+  async calculate(fix: number, activeL2?: Set<number>): Promise<{ refs: ReferenceArray; rebuild: boolean }> {
+    const refs = new ReferenceArray(Math.ceil(this.fileSize / this.cs), this.refcountMax);
+    const h = this.h;
+    this.inc(refs, 0, this.cs);
+    await this.checkL1(refs, h.l1TableOffset, h.l1Size, CHECK_FRAG_INFO, fix, activeL2);
+    for (const sn of this.snapshots) {
+      if (sn.l1TableOffset % this.cs !== 0) {
+        this.log(
+          `ERROR snapshot ${sn.id} (${sn.name}) l1_offset=0x${sn.l1TableOffset.toString(16)}: L1 table is not cluster aligned; snapshot table entry corrupted`,
+        );
+        this.res.corruptions++;
+        continue;
+      }
+      if (sn.l1Size > (32 * 1024 * 1024) / 8) {
+        this.log(
+          `ERROR snapshot ${sn.id} (${sn.name}) l1_size=0x${sn.l1Size.toString(16)}: L1 table is too large; snapshot table entry corrupted`,
+        );
+        this.res.corruptions++;
+        continue;
+      }
+      await this.checkL1(refs, sn.l1TableOffset, sn.l1Size, 0, fix);
+    }
+    if (this.snapshots.length > 0) this.inc(refs, h.snapshotsOffset, snapshotTableSize(this.snapshots));
+    this.inc(refs, h.refcountTableOffset, h.refcountTableClusters * this.cs);
+    if (this.ext.crypto) this.inc(refs, this.ext.crypto.offset, this.ext.crypto.length);
+    const bm = this.ext.bitmaps;
+    if (bm) {
+      this.inc(refs, bm.directoryOffset, bm.directorySize);
+      for (const b of this.bitmaps) {
+        this.inc(refs, b.tableOffset, b.tableSize * 8);
+        const dv = view(await this.read(b.tableOffset, b.tableSize * 8));
+        for (let i = 0; i < b.tableSize; i++) {
+          const e = decodeBitmapTableEntry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), this.cs);
+          if (e.offset !== 0) this.inc(refs, e.offset, this.cs);
+        }
+      }
+    }
+    const rebuild = this.checkRefblocks(refs, fix);
+    return { refs, rebuild };
+  }
+
+  /** Compares counted references with the refcounts on disk (compare_refcounts). */
+  async compare(refs: ReferenceArray, fix: number): Promise<{ highest: number; rebuild: boolean }> {
+    let highest = 0;
+    let rebuild = false;
+    const res = this.res;
+    const E = this.blockEntries;
+    const order = this.h.refcountOrder;
+    for (let t = 0; t * E < refs.clusters; t++) {
+      const block = await this.disk.blockAt(t);
+      const end = Math.min(refs.clusters, (t + 1) * E);
+      for (let i = t * E; i < end; i++) {
+        if (block instanceof Error) {
+          this.log(`Can't get refcount for cluster ${i}: ${block.message}`);
+          res.checkErrors++;
+          continue;
+        }
+        const r1 = block ? getRefcount(block, i - t * E, order) : 0;
+        const r2 = refs.get(i);
+        if (r1 > 0 || r2 > 0) highest = i;
+        if (r1 === r2) continue;
+        let fixing: "leaks" | "corruptions" | undefined;
+        if (r1 === 0) rebuild = true;
+        else if (r1 > r2 && fix & FIX_LEAKS) fixing = "leaks";
+        else if (r1 < r2 && fix & FIX_ERRORS) fixing = "corruptions";
+        this.log(`${fixing ? "Repairing" : r1 < r2 ? "ERROR" : "Leaked"} cluster ${i} refcount=${r1} reference=${r2}`);
+        if (fixing) {
+          await this.disk.set(i, r2);
+          if (fixing === "leaks") res.leaksFixed++;
+          else res.corruptionsFixed++;
+          continue;
+        }
+        if (r1 < r2) res.corruptions++;
+        else res.leaks++;
+      }
+    }
+    return { highest, rebuild };
+  }
+
+  /**
+   * Writes a new refcount table and blocks holding `refs`, past every cluster in use, then
+   * points the header at them (rebuild_refcount_structure). The old structure is left behind
+   * as leaked clusters.
+   */
+  async rebuild(refs: ReferenceArray): Promise<void> {
+    const cs = this.cs;
+    const E = this.blockEntries;
+    // First fit over the counted references: clusters nobody references are free, whatever
+    // the old refcounts said. Nothing live is overwritten before the header switches.
+    let hint = 0;
+    const allocate = (n: number): number => {
+      let start = hint;
+      for (;;) {
+        let run = 0;
+        while (run < n && refs.get(start + run) === 0) run++;
+        if (run === n) break;
+        start += run + 1;
+      }
+      for (let c = start; c < start + n; c++) refs.set(c, 1);
+      if (n === 1 || start === hint) hint = start + n;
+      return start;
+    };
+    const blocks = new Map<number, number>();
+    const usedEnd = (): number => {
+      let end = refs.clusters;
+      while (end > 0 && refs.get(end - 1) === 0) end--;
+      return end;
+    };
+    let tableStart = -1;
+    let tableClusters = 0;
+    for (;;) {
+      // A refcount block for every range that holds a referenced cluster (allocating one may
+      // reach into a new range, hence the loop).
+      for (let k = 0; k * E < usedEnd(); k++) {
+        if (blocks.has(k)) continue;
+        let used = false;
+        for (let c = k * E; c < Math.min((k + 1) * E, refs.clusters) && !used; c++) used = refs.get(c) !== 0;
+        if (used) blocks.set(k, allocate(1));
+      }
+      const ranges = Math.ceil(usedEnd() / E);
+      const need = Math.max(1, Math.ceil((ranges * 8) / cs));
+      if (tableStart >= 0 && need <= tableClusters && ranges * E >= usedEnd()) {
+        let covered = true;
+        for (let k = 0; k < ranges && covered; k++) {
+          for (let c = k * E; c < Math.min((k + 1) * E, refs.clusters) && covered; c++)
+            if (refs.get(c) !== 0 && !blocks.has(k)) covered = false;
+        }
+        if (covered) break;
+      }
+      if (tableStart >= 0) for (let c = tableStart; c < tableStart + tableClusters; c++) refs.set(c, 0);
+      tableClusters = need;
+      tableStart = allocate(need);
+    }
+    const table = new Uint8Array(tableClusters * cs);
+    const order = this.h.refcountOrder;
+    for (const [k, at] of [...blocks].sort((a, b) => a[0] - b[0])) {
+      const block = new Uint8Array(cs);
+      const bv = view(block);
+      for (let i = 0; i < E; i++) {
+        const r = refs.get(k * E + i);
+        if (r !== 0) setRefcount(bv, i, order, Math.min(r, this.refcountMax));
+      }
+      await this.s.write(block, at * cs);
+      setU64(view(table), k * 8, at * cs);
+    }
+    const tableOffset = tableStart * cs;
+    await this.s.write(table, tableOffset);
+    await this.s.flush();
+    const hdr = new Uint8Array(12);
+    setU64(view(hdr), 0, tableOffset);
+    view(hdr).setUint32(8, tableClusters);
+    await this.s.write(hdr, 48);
+    await this.s.flush();
+    this.h = { ...this.h, refcountTableOffset: tableOffset, refcountTableClusters: tableClusters };
+    this.fileSize = Math.max(this.fileSize, usedEnd() * cs);
+    await this.loadRefcountTable();
+  }
+
+  /** Active L1/L2 entries: COPIED set exactly when the refcount is one (check_oflag_copied). */
+  async checkCopied(fix: number, metadata: Map<number, string[]>): Promise<void> {
+    const h = this.h;
+    const res = this.res;
+    // -r leaks repairs COPIED flags too when the refcounts they follow are known to be right.
+    const fixing =
+      (fix & FIX_ERRORS) !== 0 || ((fix & FIX_LEAKS) !== 0 && !res.checkErrors && !res.corruptions && !res.leaks);
+    if (h.l1Size === 0) return;
+    const l1 = await this.read(h.l1TableOffset, h.l1Size * 8);
+    const l1v = view(l1);
+    for (let i = 0; i < h.l1Size; i++) {
+      const hi = l1v.getUint32(i * 8);
+      const lo = l1v.getUint32(i * 8 + 4);
+      const l2Offset = offsetOf(hi, lo);
+      if (l2Offset === 0) continue;
+      const rc = await this.disk.get(Math.floor(l2Offset / this.cs));
+      if (rc instanceof Error) continue;
+      if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
+        this.log(
+          `${fixing ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`,
+        );
+        if (fixing) {
+          this.guardWrite(metadata, h.l1TableOffset + i * 8, "active L1 table");
+          l1v.setUint32(i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : hi & ~COPIED_HI);
+          await this.s.write(l1.subarray(i * 8, i * 8 + 8), h.l1TableOffset + i * 8);
+          res.corruptionsFixed++;
+        } else {
+          res.corruptions++;
+        }
+      }
+      const table = await this.read(l2Offset, this.cs);
+      const dv = view(table);
+      let dirty = false;
+      for (let j = 0; j < this.l2Entries; j++) {
+        const at = j * this.entryBytes;
+        const ehi = dv.getUint32(at);
+        const elo = dv.getUint32(at + 4);
+        if (ehi & COMPRESSED_HI) continue;
+        const dataOffset = offsetOf(ehi, elo);
+        const allocated = dataOffset !== 0 || (this.externalData && (ehi & COPIED_HI) !== 0);
+        if (!allocated) continue;
+        let refcount = 1;
+        if (!this.externalData) {
+          const r = await this.disk.get(Math.floor(dataOffset / this.cs));
+          if (r instanceof Error) continue;
+          refcount = r;
+        }
+        if ((refcount === 1) !== ((ehi & COPIED_HI) !== 0)) {
+          this.log(
+            `${fixing ? "Repairing" : "ERROR"} OFLAG_COPIED data cluster: l2_entry=${hex64(ehi, elo)} refcount=${refcount}`,
+          );
+          if (fixing) {
+            dv.setUint32(at, refcount === 1 ? (ehi | COPIED_HI) >>> 0 : ehi & ~COPIED_HI);
+            dirty = true;
+            res.corruptionsFixed++;
+          } else {
+            res.corruptions++;
+          }
+        }
+      }
+      if (dirty) {
+        this.guardWrite(metadata, l2Offset, "active L2 table");
+        await this.s.write(table, l2Offset);
+      }
+    }
+  }
+
+  /**
+   * QEMU's metadata overlap check for repair writes: a table written where other metadata
+   * lives would destroy it, so the repair stops and reports the overlap instead.
+   */
+  private guardWrite(metadata: Map<number, string[]>, offset: number, kind: string): void {
+    const other = metadata.get(Math.floor(offset / this.cs))?.find((k) => k !== kind);
+    if (other !== undefined) {
+      throw new OverlapError(
+        `qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with ${other}); further corruption events will be suppressed`,
+      );
+    }
+  }
+
+  /** Which cluster holds which metadata, for the overlap check of repair writes. */
+  metadataMap(activeL2: Set<number>): Map<number, string[]> {
+    const m = new Map<number, string[]>();
+    const cs = this.cs;
+    const put = (c: number, kind: string): void => {
+      const kinds = m.get(c);
+      if (!kinds) m.set(c, [kind]);
+      else if (!kinds.includes(kind)) kinds.push(kind);
+    };
+    const add = (offset: number, length: number, kind: string): void => {
+      if (length <= 0) return;
+      for (let c = Math.floor(offset / cs); c <= Math.floor((offset + length - 1) / cs); c++) put(c, kind);
+    };
+    add(0, cs, "qcow2_header");
+    add(this.h.l1TableOffset, this.h.l1Size * 8, "active L1 table");
+    add(this.h.refcountTableOffset, this.h.refcountTableClusters * cs, "refcount table");
+    if (this.snapshots.length > 0) add(this.h.snapshotsOffset, snapshotTableSize(this.snapshots), "snapshot table");
+    for (const sn of this.snapshots) add(sn.l1TableOffset, sn.l1Size * 8, "inactive L1 table");
+    for (const c of activeL2) put(c, "active L2 table");
+    for (let t = 0; t < this.disk.entries; t++) {
+      const o = this.disk.blockOffset(t);
+      if (o !== 0 && o % cs === 0) add(o, cs, "refcount block");
+    }
+    if (this.ext.bitmaps) add(this.ext.bitmaps.directoryOffset, this.ext.bitmaps.directorySize, "bitmap directory");
+    return m;
+  }
+}
+
+/** A repair write refused because it would land on other metadata. */
+export class OverlapError extends Error {}
+
+/**
+ * Checks (and with `fix`, repairs) the qcow2 image in `storage`, as qemu-img check does.
+ * The storage must be writable when fixing. Throws for an image that cannot be opened at all
+ * (bad header, unknown incompatible features) and when a repair cannot proceed.
+ */
+export async function checkQcow2(storage: Storage, opts: CheckOptions = {}): Promise<CheckResult> {
+  const fix = opts.fix ?? 0;
+  const log = opts.log ?? (() => {});
+  const { header, extensions } = await Qcow2Image.readHeader(storage, true);
+  const snapshots = await readSnapshotTable(storage, header);
+  const bitmaps = await readBitmapDirectory(storage, header, extensions);
+  const c = new Checker(storage, header, extensions, snapshots, bitmaps, log);
+  c.fileSize = await storage.size();
+  await c.loadRefcountTable();
+  if (fix && header.version >= 3 && (header.autoclearFeatures & ~AUTOCLEAR_KNOWN) !== 0n) {
+    // As when QEMU opens an image for writing: autoclear bits it does not know are cleared.
+    await writeFeatures(c, 88, header.autoclearFeatures & AUTOCLEAR_KNOWN);
+  }
+  const res = c.res;
+  res.totalClusters = Math.ceil(header.size / c.cs);
+
+  const activeL2 = new Set<number>();
+  const first = await c.calculate(fix, activeL2);
+  let refs = first.refs;
+  let rebuild = first.rebuild;
+  const preCompare = { ...res };
+  const cmp = await c.compare(refs, 0);
+  let highest = cmp.highest;
+  rebuild ||= cmp.rebuild;
+
+  if (rebuild && fix & FIX_ERRORS) {
+    const old = { ...res };
+    let freshLeaks = 0;
+    log("Rebuilding refcount structure");
+    await c.rebuild(refs);
+    res.corruptions = 0;
+    res.leaks = 0;
+    const again = await c.calculate(0);
+    refs = again.refs;
+    if (fix & FIX_LEAKS) {
+      // The old refcount structure is leaked now: free it. Only leaks the rebuild itself could
+      // not fix count in the result.
+      const saved = { ...res };
+      c.res = emptyResult();
+      const r = await c.compare(refs, FIX_LEAKS);
+      highest = r.highest;
+      if (r.rebuild) log("ERROR rebuilt refcount structure is still broken");
+      freshLeaks = c.res.leaks;
+      c.res = saved;
+    }
+    const now = c.res;
+    if (now.corruptions < old.corruptions) now.corruptionsFixed += old.corruptions - now.corruptions;
+    if (now.leaks < old.leaks) now.leaksFixed += old.leaks - now.leaks;
+    now.leaks += freshLeaks;
+  } else if (fix) {
+    if (rebuild) {
+      log("ERROR need to rebuild refcount structures");
+      res.checkErrors++;
+      throw new CheckFailed("Input/output error", res);
+    }
+    if (res.leaks || res.corruptions) {
+      c.res = { ...preCompare };
+      highest = (await c.compare(refs, fix)).highest;
+    }
+  }
+  const result = c.res;
+  if (fix) await storage.flush();
+  try {
+    await c.checkCopied(fix, c.metadataMap(activeL2));
+  } catch (e) {
+    if (!(e instanceof OverlapError)) throw e;
+    log(e.message);
+    // As QEMU: a repair that would overwrite metadata stops, and the image is marked corrupt.
+    await writeFeatures(c, 72, c.h.incompatibleFeatures | INCOMPAT_CORRUPT);
+    result.checkErrors++;
+    throw new CheckFailed("Input/output error", result);
+  }
+  result.imageEndOffset = (highest + 1) * c.cs;
+  if (fix && result.checkErrors === 0 && result.corruptions === 0) {
+    // qcow2_mark_clean and qcow2_mark_consistent: the image is whole again.
+    const bits = c.h.incompatibleFeatures;
+    const cleared = bits & ~(INCOMPAT_DIRTY | INCOMPAT_CORRUPT);
+    if (cleared !== bits) {
+      await storage.flush();
+      await writeFeatures(c, 72, cleared);
+    }
+  }
+  if (fix) await storage.flush();
+  return result;
+}
+
+/** The check ended early (QEMU returns -errno from its check); `result` holds what was found. */
+export class CheckFailed extends Error {
+  constructor(
+    message: string,
+    readonly result: CheckResult,
+  ) {
+    super(message);
+  }
+}
+
+async function writeFeatures(c: Checker, at: number, value: bigint): Promise<void> {
+  if (c.h.version < 3) return;
+  const b = new Uint8Array(8);
+  view(b).setBigUint64(0, value);
+  await c.s.write(b, at);
+  await c.s.flush();
+  c.h = at === 72 ? { ...c.h, incompatibleFeatures: value } : { ...c.h, autoclearFeatures: value };
+}
