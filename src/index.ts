@@ -5,6 +5,14 @@ export * from "./errors.js";
 export * as format from "./format/index.js";
 export type { BlockDevice, Extent } from "./image/block-device.js";
 export {
+  CheckFailed,
+  type CheckOptions,
+  type CheckResult,
+  checkQcow2,
+  FIX_ERRORS,
+  FIX_LEAKS,
+} from "./image/check.js";
+export {
   type Image,
   type ImageFormat,
   type OpenImageOptions,
