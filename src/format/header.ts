@@ -167,8 +167,7 @@ function validateHeader(h: Qcow2Header): void {
   if (h.cryptMethod > CRYPT_LUKS) throw unsupported(`Unsupported encryption method: ${h.cryptMethod}`);
   if (h.l1Size * 8 > MAX_L1_BYTES) throw corrupt(`Active L1 table too large: l1_size ${h.l1Size} (at 0x24)`);
   checkTable("Active L1 table", h.l1TableOffset, h.l1Size * 8, clusterSize, h.l1Size > 0);
-  if (h.refcountTableClusters === 0)
-    throw corrupt("Image does not contain a reference count table (refcount_table_clusters is 0)");
+  // An empty refcount table opens (as in QEMU) so that check can rebuild it; writing refuses it.
   if (h.refcountTableClusters * clusterSize > MAX_REFTABLE_BYTES) {
     throw corrupt(`Reference count table too large: refcount_table_clusters ${h.refcountTableClusters} (at 0x38)`);
   }

@@ -172,24 +172,33 @@ class OnDiskRefcounts {
     const bits = 2 ** this.c.h.refcountOrder;
     const first = Math.floor((i * bits) / 8);
     const last = Math.floor(((i + 1) * bits - 1) / 8);
-    await this.c.s.write(new Uint8Array(block.buffer, block.byteOffset + first, last - first + 1), offset + first);
+    await this.c.write(new Uint8Array(block.buffer, block.byteOffset + first, last - first + 1), offset + first);
   }
 
+  private lastOffset = -1;
+  private lastBlock: DataView | undefined;
+
   private async block(offset: number): Promise<DataView> {
+    if (offset === this.lastOffset && this.lastBlock) return this.lastBlock;
     let b = this.cache.get(offset);
+    this.lastOffset = offset;
     if (b) {
       this.cache.delete(offset);
       this.cache.set(offset, b);
+      this.lastBlock = b;
       return b;
     }
+    this.lastBlock = undefined;
     b = view(await this.c.read(offset, this.c.cs));
     this.cache.set(offset, b);
-    if (this.cache.size > 64) this.cache.delete(this.cache.keys().next().value as number);
+    if (this.lastOffset === offset) this.lastBlock = b;
+    if (this.cache.size * this.c.cs > 8 * 1024 * 1024) this.cache.delete(this.cache.keys().next().value as number);
     return b;
   }
 }
 
 const CHECK_FRAG_INFO = 1;
+const PREFETCH = 16;
 
 /** One run of the check over an open storage; `run` may repeat it after a rebuild. */
 class Checker {
@@ -226,6 +235,27 @@ class Checker {
     const n = await this.s.read(b, offset);
     if (n < length) b.fill(0, n);
     return b;
+  }
+
+  /** Writes through to the storage. */
+  write(data: Uint8Array, offset: number): Promise<void> {
+    return this.s.write(data, offset);
+  }
+
+  /**
+   * The tables at `offsets` (cluster-sized reads), handed to `use` in order while the next
+   * ones are read in parallel: one table per read as QEMU does, without waiting for each.
+   */
+  async eachTable(offsets: number[], use: (table: Uint8Array, i: number) => Promise<void>): Promise<void> {
+    const ahead: (Promise<Uint8Array> | undefined)[] = [];
+    for (let i = 0; i < offsets.length; i++) {
+      for (let j = ahead.length; j < Math.min(offsets.length, i + PREFETCH); j++) {
+        ahead.push(this.read(offsets[j], this.cs));
+      }
+      const table = await (ahead[i] as Promise<Uint8Array>);
+      ahead[i] = undefined;
+      await use(table, i);
+    }
   }
 
   async loadRefcountTable(): Promise<void> {
@@ -268,8 +298,7 @@ class Checker {
     }
   }
 
-  async checkL2(refs: ReferenceArray, l2Offset: number, flags: number, fix: number): Promise<void> {
-    const table = await this.read(l2Offset, this.cs);
+  async checkL2(refs: ReferenceArray, table: Uint8Array, l2Offset: number, flags: number, fix: number): Promise<void> {
     const dv = view(table);
     let nextContiguous = 0;
     const res = this.res;
@@ -346,7 +375,7 @@ class Checker {
             const e = new Uint8Array(this.entryBytes);
             if (!this.extendedL2) view(e).setUint32(4, 1);
             else view(e).setUint32(8, 0xffff_ffff);
-            await this.s.write(e, l2Offset + at);
+            await this.write(e, l2Offset + at);
             res.corruptions--;
             res.corruptionsFixed++;
             continue;
@@ -375,23 +404,26 @@ class Checker {
     this.inc(refs, l1Offset, l1Size * 8);
     if (l1Size === 0) return;
     const dv = view(await this.read(l1Offset, l1Size * 8));
-    for (let i = 0; i < l1Size; i++) {
+    const entries: number[] = [];
+    for (let i = 0; i < l1Size; i++) if (dv.getUint32(i * 8) !== 0 || dv.getUint32(i * 8 + 4) !== 0) entries.push(i);
+    const l2Offsets = entries.map((i) => offsetOf(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4)));
+    await this.eachTable(l2Offsets, async (table, k) => {
+      const i = entries[k];
       const hi = dv.getUint32(i * 8);
       const lo = dv.getUint32(i * 8 + 4);
-      if (hi === 0 && lo === 0) continue;
       if ((hi & L1_RESERVED_HI) !== 0 || (lo & L1_RESERVED_LO) !== 0) {
         this.log(`ERROR found L1 entry with reserved bits set: ${hex64(hi, lo)}`);
         this.res.corruptions++;
       }
-      const l2Offset = offsetOf(hi, lo);
+      const l2Offset = l2Offsets[k];
       this.inc(refs, l2Offset, this.cs);
       if (l2Offset % this.cs !== 0) {
         this.log(`ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
         this.res.corruptions++;
       }
       activeL2?.add(Math.floor(l2Offset / this.cs));
-      await this.checkL2(refs, l2Offset, flags, fix);
-    }
+      await this.checkL2(refs, table, l2Offset, flags, fix);
+    });
   }
 
   /** Refcount blocks: aligned, inside the file, referenced exactly once (check_refblocks). */
@@ -575,16 +607,16 @@ class Checker {
         const r = refs.get(k * E + i);
         if (r !== 0) setRefcount(bv, i, order, Math.min(r, this.refcountMax));
       }
-      await this.s.write(block, at * cs);
+      await this.write(block, at * cs);
       setU64(view(table), k * 8, at * cs);
     }
     const tableOffset = tableStart * cs;
-    await this.s.write(table, tableOffset);
+    await this.write(table, tableOffset);
     await this.s.flush();
     const hdr = new Uint8Array(12);
     setU64(view(hdr), 0, tableOffset);
     view(hdr).setUint32(8, tableClusters);
-    await this.s.write(hdr, 48);
+    await this.write(hdr, 48);
     await this.s.flush();
     this.h = { ...this.h, refcountTableOffset: tableOffset, refcountTableClusters: tableClusters };
     this.fileSize = Math.max(this.fileSize, usedEnd() * cs);
@@ -601,13 +633,17 @@ class Checker {
     if (h.l1Size === 0) return;
     const l1 = await this.read(h.l1TableOffset, h.l1Size * 8);
     const l1v = view(l1);
-    for (let i = 0; i < h.l1Size; i++) {
+    const entries: number[] = [];
+    for (let i = 0; i < h.l1Size; i++)
+      if (offsetOf(l1v.getUint32(i * 8), l1v.getUint32(i * 8 + 4)) !== 0) entries.push(i);
+    const l2Offsets = entries.map((i) => offsetOf(l1v.getUint32(i * 8), l1v.getUint32(i * 8 + 4)));
+    await this.eachTable(l2Offsets, async (table, k) => {
+      const i = entries[k];
       const hi = l1v.getUint32(i * 8);
       const lo = l1v.getUint32(i * 8 + 4);
-      const l2Offset = offsetOf(hi, lo);
-      if (l2Offset === 0) continue;
+      const l2Offset = l2Offsets[k];
       const rc = await this.disk.get(Math.floor(l2Offset / this.cs));
-      if (rc instanceof Error) continue;
+      if (rc instanceof Error) return;
       if ((rc === 1) !== ((hi & COPIED_HI) !== 0)) {
         this.log(
           `${fixing ? "Repairing" : "ERROR"} OFLAG_COPIED L2 cluster: l1_index=${i} l1_entry=${hex64(hi, lo)} refcount=${rc}`,
@@ -615,13 +651,12 @@ class Checker {
         if (fixing) {
           this.guardWrite(metadata, h.l1TableOffset + i * 8, "active L1 table");
           l1v.setUint32(i * 8, rc === 1 ? (hi | COPIED_HI) >>> 0 : hi & ~COPIED_HI);
-          await this.s.write(l1.subarray(i * 8, i * 8 + 8), h.l1TableOffset + i * 8);
+          await this.write(l1.subarray(i * 8, i * 8 + 8), h.l1TableOffset + i * 8);
           res.corruptionsFixed++;
         } else {
           res.corruptions++;
         }
       }
-      const table = await this.read(l2Offset, this.cs);
       const dv = view(table);
       let dirty = false;
       for (let j = 0; j < this.l2Entries; j++) {
@@ -653,9 +688,9 @@ class Checker {
       }
       if (dirty) {
         this.guardWrite(metadata, l2Offset, "active L2 table");
-        await this.s.write(table, l2Offset);
+        await this.write(table, l2Offset);
       }
-    }
+    });
   }
 
   /**
@@ -807,7 +842,7 @@ async function writeFeatures(c: Checker, at: number, value: bigint): Promise<voi
   if (c.h.version < 3) return;
   const b = new Uint8Array(8);
   view(b).setBigUint64(0, value);
-  await c.s.write(b, at);
+  await c.write(b, at);
   await c.s.flush();
   c.h = at === 72 ? { ...c.h, incompatibleFeatures: value } : { ...c.h, autoclearFeatures: value };
 }

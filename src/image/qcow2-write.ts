@@ -65,6 +65,9 @@ export class Qcow2Writer {
   /** Prepares an image opened read-write: clears unknown autoclear bits, loads refcounts. */
   static async attach(img: Qcow2Image): Promise<Qcow2Writer> {
     const h = img.header;
+    if (h.refcountTableClusters === 0) {
+      throw corrupt("Image does not contain a reference count table; 'qcowkit check -r all' rebuilds it");
+    }
     const w = new Qcow2Writer(img, await Refcounts.open(img.storage, h));
     if (h.incompatibleFeatures & INCOMPAT_DIRTY) {
       // Lazy refcounts were not written back before the image was last closed: rebuild them

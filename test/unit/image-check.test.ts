@@ -306,3 +306,20 @@ test("a crash at any point of a refcount rebuild leaves an image that a new repa
   }
   assert.ok(states > 6);
 });
+
+test("an image whose refcount table size is 0 opens for check, refuses writes, and -r all rebuilds it", async () => {
+  const s = sample().storage();
+  const before = await contents(s);
+  const b = new Uint8Array(4);
+  await s.write(b, 56); // refcount_table_clusters = 0
+  await assert.rejects(Qcow2Image.open(new MemoryStorage(s.bytes()), { readOnly: false }), /reference count table/);
+  let { r } = await check(s);
+  assert.ok(r.corruptions > 20);
+  await check(s, ALL);
+  ({ r } = await check(s));
+  assert.equal(r.corruptions + r.leaks + r.checkErrors, 0);
+  assert.deepEqual(await contents(s), before);
+  const img = await Qcow2Image.open(new MemoryStorage(s.bytes()), { readOnly: false, codecs: nodeCodecs });
+  await img.write(new Uint8Array(4096).fill(7), 0);
+  await img.close();
+});
