@@ -13,6 +13,7 @@ import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
 import { check } from "./cmd-check.js";
+import { serve } from "./cmd-serve.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
@@ -355,7 +356,7 @@ const create: Command = {
   },
 };
 
-export const commands: Command[] = [create, info, map, check, convertCmd, compare];
+export const commands: Command[] = [create, info, map, check, convertCmd, compare, serve];
 
 export function usage(): string {
   return [

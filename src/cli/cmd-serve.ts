@@ -1,0 +1,106 @@
+/** qcowkit serve: an NBD server for one image, with qemu-nbd's flags and lifetime rules. */
+import { lstat, unlink } from "node:fs/promises";
+import { QcowError } from "../errors.js";
+import { Qcow2Image } from "../image/qcow2.js";
+import { NbdServer } from "../nbd/server.js";
+import { openImageFile } from "../node.js";
+import type { Command } from "./commands.js";
+import { ExitError, formatOption } from "./exit.js";
+
+const str = (v: Record<string, unknown>, k: string): string | undefined => v[k] as string | undefined;
+
+export const serve: Command = {
+  name: "serve",
+  synopsis:
+    "qcowkit serve [-b ADDR] [-p PORT | -k SOCKET] [-x NAME] [-D TEXT] [-r] [-e N] [-t] [-f FMT] [-l SNAPSHOT] FILE",
+  help: [
+    "Serves an image over NBD, as qemu-nbd does (qcow2 with its backing chain, or raw).",
+    "",
+    "  -b, --bind ADDR         address to listen on (default 127.0.0.1)",
+    "  -p, --port N            TCP port (default 10809)",
+    "  -k, --socket PATH       listen on a Unix socket instead",
+    '  -x, --export-name NAME  the export\'s name (default "")',
+    "  -D, --description TEXT  the export's description",
+    "  -r, --read-only         refuse writes",
+    "  -e, --shared N          clients served at once (default 1)",
+    "  -t, --persistent        keep serving after the last client leaves",
+    "  -f, --format FMT        qcow2 or raw (default: probed)",
+    "  -l, --load-snapshot S   serve internal snapshot S (snapshot.name=NAME, snapshot.id=ID or NAME; read-only)",
+    "",
+    "SIGTERM or SIGINT: stop accepting, finish requests in flight, flush, close the image, exit 0.",
+  ].join("\n"),
+  options: {
+    bind: { type: "string", short: "b" },
+    port: { type: "string", short: "p" },
+    socket: { type: "string", short: "k" },
+    "export-name": { type: "string", short: "x" },
+    description: { type: "string", short: "D" },
+    "read-only": { type: "boolean", short: "r" },
+    shared: { type: "string", short: "e" },
+    persistent: { type: "boolean", short: "t" },
+    format: { type: "string", short: "f" },
+    "load-snapshot": { type: "string", short: "l" },
+  },
+  async run(v, p) {
+    if (p.length !== 1) throw new ExitError("Expecting one image file name");
+    const file = p[0];
+    const port = str(v, "port") ?? "10809";
+    if (!/^\d+$/.test(port) || Number(port) > 65535) throw new ExitError(`Invalid port '${port}'`);
+    const sharedText = str(v, "shared") ?? "1";
+    const shared = Number(sharedText);
+    if (!/^\d+$/.test(sharedText) || shared < 1) throw new ExitError(`Invalid shared device number '${sharedText}'`);
+    if (str(v, "socket") !== undefined && str(v, "bind") !== undefined) {
+      throw new ExitError("--bind and --socket are mutually exclusive");
+    }
+    const l = str(v, "load-snapshot");
+    const snapshot = l === undefined ? undefined : (/^snapshot\.(?:name|id)=(.*)$/.exec(l)?.[1] ?? l);
+    const readOnly = v["read-only"] === true || snapshot !== undefined;
+    const img = await openImageFile(file, { format: formatOption(str(v, "format")), readOnly, snapshot });
+    const fastZero = img instanceof Qcow2Image && img.header.version >= 3 && !img.dataFile;
+    const server = new NbdServer({
+      export: {
+        name: str(v, "export-name") ?? "",
+        description: str(v, "description"),
+        device: img,
+        readOnly,
+        fastZero,
+        multiConn: shared > 1,
+      },
+      shared,
+      log: (line) => process.stderr.write(`qcowkit: ${line}\n`),
+    });
+    const socketPath = str(v, "socket");
+    try {
+      // As QEMU: a socket file left behind by an earlier server is replaced.
+      if (socketPath !== undefined && (await lstat(socketPath).catch(() => undefined))?.isSocket()) {
+        await unlink(socketPath);
+      }
+      await server.listen(
+        socketPath !== undefined ? { path: socketPath } : { host: str(v, "bind") ?? "127.0.0.1", port: Number(port) },
+      );
+    } catch (e) {
+      await img.close();
+      throw new ExitError(`Failed to listen: ${(e as Error).message}`);
+    }
+    let finishing: Promise<number> | undefined;
+    const finish = (): Promise<number> => {
+      finishing ??= (async () => {
+        await server.close();
+        await img.flush().catch(() => {});
+        await img.close();
+        return 0;
+      })();
+      return finishing;
+    };
+    return await new Promise<number>((resolve, reject) => {
+      const end = (): void => {
+        finish().then(resolve, (e: unknown) =>
+          reject(e instanceof QcowError ? e : new ExitError(`Failed to close the image: ${(e as Error).message}`)),
+        );
+      };
+      process.once("SIGTERM", end);
+      process.once("SIGINT", end);
+      if (v.persistent !== true) server.on("idle", end);
+    });
+  },
+};

@@ -1,0 +1,618 @@
+/**
+ * An NBD server over any BlockDevice (doc/proto.md of NetworkBlockDevice/nbd), as qemu-nbd
+ * serves one: fixed newstyle handshake, structured replies with holes, base:allocation and
+ * qemu:allocation-depth block status, and pipelined requests that complete out of order.
+ *
+ * Each connection reads request headers in a loop and starts every request at once; replies are
+ * written whole, in completion order. A client that sends faster than the image answers is
+ * slowed by not reading its socket: at most MAX_INFLIGHT requests and MAX_BUFFERED bytes of
+ * replies are outstanding per client, so memory stays bounded whatever clients do.
+ * Malformed input ends the option haggling with the protocol's error or closes the connection;
+ * nothing a client sends can reach the image except well-formed, in-bounds requests.
+ */
+import { EventEmitter } from "node:events";
+import * as net from "node:net";
+import { QcowError } from "../errors.js";
+import type { BlockDevice, Extent } from "../image/block-device.js";
+import * as P from "./protocol.js";
+
+export interface NbdExport {
+  /** The export name clients ask for ("" by default, as qemu-nbd). */
+  name: string;
+  description?: string;
+  device: BlockDevice;
+  readOnly: boolean;
+  /** Zero writes are cheap (qcow2 v3 zero flag): NBD_CMD_FLAG_FAST_ZERO can be honoured. */
+  fastZero: boolean;
+  /** Whether flushes from one client cover writes of all clients (one shared image: yes). */
+  multiConn: boolean;
+}
+
+export interface NbdServerOptions {
+  export: NbdExport;
+  /** Clients served at once (qemu-nbd --shared); more connections are closed at once. */
+  shared: number;
+  /** Called with a line for each notable event (a client error, a refused connection). */
+  log?: (line: string) => void;
+}
+
+const MAX_INFLIGHT = 64;
+const MAX_BUFFERED = 64 * 1024 * 1024;
+const MAX_EXTENTS = 1024;
+const CONTEXT_BASE = 1;
+const CONTEXT_DEPTH = 2;
+const CONTEXTS = new Map([
+  ["base:allocation", CONTEXT_BASE],
+  ["qemu:allocation-depth", CONTEXT_DEPTH],
+]);
+
+/** The client closed, or sent something that ends the connection. */
+class Hangup extends Error {}
+
+/** Reads exact byte counts from a socket, pausing it while enough is buffered. */
+class SocketReader {
+  private chunks: Buffer[] = [];
+  private have = 0;
+  private want: { n: number; resolve: (b: Buffer) => void; reject: (e: Error) => void } | undefined;
+  private closed: Error | undefined;
+
+  constructor(private readonly socket: net.Socket) {
+    socket.on("data", (d: Buffer) => {
+      this.chunks.push(d);
+      this.have += d.length;
+      if (this.have > 2 * P.MAX_PAYLOAD) socket.pause();
+      this.serve();
+    });
+    const end = (): void => {
+      this.closed ??= new Hangup("client disconnected");
+      this.serve();
+    };
+    socket.on("end", end);
+    socket.on("close", end);
+    socket.on("error", end);
+  }
+
+  /** Ends reading: a pending and every later take rejects. */
+  abort(reason: string): void {
+    this.closed ??= new Hangup(reason);
+    this.serve();
+  }
+
+  take(n: number): Promise<Buffer> {
+    return new Promise((resolve, reject) => {
+      this.want = { n, resolve, reject };
+      this.serve();
+    });
+  }
+
+  private serve(): void {
+    const w = this.want;
+    if (!w) return;
+    if (this.have >= w.n) {
+      this.want = undefined;
+      w.resolve(this.consume(w.n));
+      if (this.have <= P.MAX_PAYLOAD && this.socket.isPaused()) this.socket.resume();
+    } else if (this.closed) {
+      this.want = undefined;
+      w.reject(this.closed);
+    } else if (this.socket.isPaused()) {
+      this.socket.resume();
+    }
+  }
+
+  private consume(n: number): Buffer {
+    if (this.chunks[0].length === n) {
+      this.have -= n;
+      return this.chunks.shift() as Buffer;
+    }
+    if (this.chunks[0].length > n) {
+      const head = this.chunks[0];
+      this.chunks[0] = head.subarray(n);
+      this.have -= n;
+      return head.subarray(0, n);
+    }
+    const out = Buffer.allocUnsafe(n);
+    let at = 0;
+    while (at < n) {
+      const c = this.chunks[0];
+      const k = Math.min(c.length, n - at);
+      c.copy(out, at, 0, k);
+      at += k;
+      if (k === c.length) this.chunks.shift();
+      else this.chunks[0] = c.subarray(k);
+    }
+    this.have -= n;
+    return out;
+  }
+}
+
+/** The errno a failed request reports to the client. */
+function errnoOf(e: unknown): number {
+  if (e instanceof QcowError) {
+    if (e.code === "read-only") return P.EPERM;
+    if (e.code === "invalid-argument") return P.EINVAL;
+    if (e.code === "unsupported") return P.ENOTSUP;
+    return P.EIO;
+  }
+  const code = (e as { code?: string }).code;
+  if (code === "ENOSPC") return P.ENOSPC;
+  if (code === "ENOMEM") return P.ENOMEM;
+  return P.EIO;
+}
+
+class Connection {
+  private readonly reader: SocketReader;
+  private structured = false;
+  private noZeroes = false;
+  private contexts: number[] = [];
+  private inflight = 0;
+  private readonly idle: (() => void)[] = [];
+  private stopping = false;
+
+  constructor(
+    private readonly socket: net.Socket,
+    private readonly exp: NbdExport,
+    private readonly log: (line: string) => void,
+  ) {
+    this.reader = new SocketReader(socket);
+    socket.setNoDelay(true);
+  }
+
+  /** Serves the client until it leaves; never rejects. */
+  async run(): Promise<void> {
+    try {
+      this.socket.write(P.handshake());
+      const flags = (await this.reader.take(4)).readUInt32BE(0);
+      if (flags & ~(P.FLAG_C_FIXED_NEWSTYLE | P.FLAG_C_NO_ZEROES)) throw new Hangup("unknown client flags");
+      this.noZeroes = (flags & P.FLAG_C_NO_ZEROES) !== 0;
+      if (await this.haggle()) await this.transmission();
+    } catch (e) {
+      if (!(e instanceof Hangup)) this.log(`client error: ${(e as Error).message}`);
+    } finally {
+      await this.drained();
+      this.socket.end();
+      this.socket.destroySoon?.();
+    }
+  }
+
+  /** Stops reading requests; those in flight finish and are answered. */
+  stop(): void {
+    this.stopping = true;
+    this.reader.abort("server shutting down");
+  }
+
+  private get transmissionFlags(): number {
+    let f = P.FLAG_HAS_FLAGS | P.FLAG_SEND_FLUSH | P.FLAG_SEND_FUA | P.FLAG_SEND_CACHE;
+    if (this.exp.readOnly) f |= P.FLAG_READ_ONLY;
+    else f |= P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_FAST_ZERO;
+    if (this.structured) f |= P.FLAG_SEND_DF;
+    if (this.exp.multiConn || this.exp.readOnly) f |= P.FLAG_CAN_MULTI_CONN;
+    return f;
+  }
+
+  /** Option haggling; true when the client moves on to transmission. */
+  private async haggle(): Promise<boolean> {
+    for (;;) {
+      const h = await this.reader.take(16);
+      if (h.readBigUInt64BE(0) !== P.IHAVEOPT) throw new Hangup("bad option magic");
+      const option = h.readUInt32BE(8);
+      const length = h.readUInt32BE(12);
+      if (length > P.MAX_OPTION_LENGTH) {
+        // Too long to be any option this server knows; say so if it is small enough to skip.
+        throw new Hangup(`option ${option} too long (${length} bytes)`);
+      }
+      const data = length > 0 ? await this.reader.take(length) : Buffer.alloc(0);
+      const reply = (type: number, payload?: Uint8Array): void => {
+        this.socket.write(P.optionReply(option, type, payload));
+      };
+      const invalid = (message: string): void => reply(P.REP_ERR_INVALID, Buffer.from(message));
+      switch (option) {
+        case P.OPT_EXPORT_NAME: {
+          if (data.toString("utf8") !== this.exp.name) throw new Hangup("unknown export");
+          const b = Buffer.alloc(this.noZeroes ? 10 : 134);
+          b.writeBigUInt64BE(BigInt(this.exp.device.size), 0);
+          b.writeUInt16BE(this.transmissionFlags, 8);
+          this.socket.write(b);
+          return true;
+        }
+        case P.OPT_ABORT:
+          reply(P.REP_ACK);
+          return false;
+        case P.OPT_LIST: {
+          if (length !== 0) {
+            invalid("OPT_LIST should not have length");
+            break;
+          }
+          const name = Buffer.from(this.exp.name);
+          const desc = Buffer.from(this.exp.description ?? "");
+          const b = Buffer.alloc(4 + name.length + desc.length);
+          b.writeUInt32BE(name.length, 0);
+          name.copy(b, 4);
+          desc.copy(b, 4 + name.length);
+          reply(P.REP_SERVER, b);
+          reply(P.REP_ACK);
+          break;
+        }
+        case P.OPT_STARTTLS:
+          reply(P.REP_ERR_POLICY, Buffer.from("TLS not configured"));
+          break;
+        case P.OPT_INFO:
+        case P.OPT_GO: {
+          const parsed = parseInfoRequest(data);
+          if (!parsed) {
+            invalid("malformed info request");
+            break;
+          }
+          if (parsed.name !== this.exp.name) {
+            reply(P.REP_ERR_UNKNOWN, Buffer.from(`export '${parsed.name}' not present`));
+            break;
+          }
+          const exportInfo = Buffer.alloc(12);
+          exportInfo.writeUInt16BE(P.INFO_EXPORT, 0);
+          exportInfo.writeBigUInt64BE(BigInt(this.exp.device.size), 2);
+          exportInfo.writeUInt16BE(this.transmissionFlags, 10);
+          if (parsed.requests.includes(P.INFO_NAME)) {
+            reply(P.REP_INFO, Buffer.concat([u16(P.INFO_NAME), Buffer.from(this.exp.name)]));
+          }
+          if (parsed.requests.includes(P.INFO_DESCRIPTION) && this.exp.description !== undefined) {
+            reply(P.REP_INFO, Buffer.concat([u16(P.INFO_DESCRIPTION), Buffer.from(this.exp.description)]));
+          }
+          // Block sizes: any byte alignment works; 4 KiB is the preferred size; 32 MiB at most.
+          const bs = Buffer.alloc(14);
+          bs.writeUInt16BE(P.INFO_BLOCK_SIZE, 0);
+          bs.writeUInt32BE(1, 2);
+          bs.writeUInt32BE(4096, 6);
+          bs.writeUInt32BE(P.MAX_PAYLOAD, 10);
+          reply(P.REP_INFO, bs);
+          reply(P.REP_INFO, exportInfo);
+          reply(P.REP_ACK);
+          if (option === P.OPT_GO) return true;
+          break;
+        }
+        case P.OPT_STRUCTURED_REPLY:
+          if (length !== 0) invalid("OPT_STRUCTURED_REPLY should not have length");
+          else if (this.structured) invalid("structured reply already negotiated");
+          else {
+            this.structured = true;
+            reply(P.REP_ACK);
+          }
+          break;
+        case P.OPT_LIST_META_CONTEXT:
+        case P.OPT_SET_META_CONTEXT: {
+          if (option === P.OPT_SET_META_CONTEXT && !this.structured) {
+            invalid("use of OPT_SET_META_CONTEXT requires structured replies");
+            break;
+          }
+          const parsed = parseMetaContextRequest(data);
+          if (!parsed) {
+            invalid("malformed meta context request");
+            break;
+          }
+          if (parsed.name !== this.exp.name) {
+            reply(P.REP_ERR_UNKNOWN, Buffer.from(`export '${parsed.name}' not present`));
+            break;
+          }
+          const chosen = new Map<string, number>();
+          if (parsed.queries.length === 0 && option === P.OPT_LIST_META_CONTEXT) {
+            for (const [n, id] of CONTEXTS) chosen.set(n, id);
+          }
+          for (const q of parsed.queries) {
+            for (const [n, id] of CONTEXTS) {
+              if (q === n || (q.endsWith(":") && n.startsWith(q))) chosen.set(n, id);
+            }
+          }
+          for (const [n, id] of chosen) {
+            const b = Buffer.alloc(4 + Buffer.byteLength(n));
+            b.writeUInt32BE(id, 0);
+            b.write(n, 4);
+            reply(P.REP_META_CONTEXT, b);
+          }
+          if (option === P.OPT_SET_META_CONTEXT) this.contexts = [...chosen.values()];
+          reply(P.REP_ACK);
+          break;
+        }
+        default:
+          reply(P.REP_ERR_UNSUP, Buffer.from(`unsupported option ${option}`));
+      }
+    }
+  }
+
+  private async transmission(): Promise<void> {
+    for (;;) {
+      if (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_BUFFERED) await this.slowDown();
+      if (this.stopping) return;
+      const h = await this.reader.take(P.REQUEST_HEADER_BYTES);
+      const req = P.decodeRequest(h);
+      if (!req) throw new Hangup("bad request magic");
+      let payload: Buffer | undefined;
+      if (req.type === P.CMD_WRITE) {
+        // A payload too large to buffer cannot be skipped safely: the connection ends.
+        if (req.length > P.MAX_PAYLOAD) throw new Hangup(`write of ${req.length} bytes exceeds ${P.MAX_PAYLOAD}`);
+        payload = await this.reader.take(req.length);
+      }
+      if (req.type === P.CMD_DISC) return;
+      this.inflight++;
+      this.serve(req, payload).finally(() => {
+        this.inflight--;
+        for (const f of this.idle.splice(0)) f();
+      });
+    }
+  }
+
+  /** Waits until fewer requests are in flight and the socket has taken our replies. */
+  private async slowDown(): Promise<void> {
+    while (!this.stopping && (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_BUFFERED)) {
+      if (this.socket.destroyed) throw new Hangup("client disconnected");
+      await new Promise<void>((resolve) => {
+        this.idle.push(resolve);
+        this.socket.once("drain", resolve);
+        this.socket.once("close", resolve);
+      });
+    }
+  }
+
+  private async drained(): Promise<void> {
+    while (this.inflight > 0) await new Promise<void>((r) => this.idle.push(r));
+  }
+
+  private send(b: Buffer | Uint8Array): void {
+    if (!this.socket.destroyed) this.socket.write(b);
+  }
+
+  private done(req: P.Request, error: number, message = ""): void {
+    if (!this.structured) this.send(P.simpleReply(error, req.handle));
+    else if (error) this.send(P.errorChunk(req.handle, error, message));
+    else this.send(P.chunkHeader(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, req.handle, 0));
+  }
+
+  private async serve(req: P.Request, payload: Buffer | undefined): Promise<void> {
+    const dev = this.exp.device;
+    try {
+      const error = this.validate(req);
+      if (error) {
+        this.done(req, error[0], error[1]);
+        return;
+      }
+      const fua = (req.flags & P.CMD_FLAG_FUA) !== 0;
+      switch (req.type) {
+        case P.CMD_READ:
+          await this.read(req);
+          return;
+        case P.CMD_WRITE:
+          await dev.write(payload as Buffer, req.offset);
+          if (fua) await dev.flush();
+          break;
+        case P.CMD_WRITE_ZEROES:
+          if (req.flags & P.CMD_FLAG_FAST_ZERO && !this.exp.fastZero) {
+            this.done(req, P.ENOTSUP, "fast zeroing is not supported");
+            return;
+          }
+          await dev.writeZeroes(req.offset, req.length, { unmap: (req.flags & P.CMD_FLAG_NO_HOLE) === 0 });
+          if (fua) await dev.flush();
+          break;
+        case P.CMD_TRIM:
+          await dev.discard(req.offset, req.length);
+          if (fua) await dev.flush();
+          break;
+        case P.CMD_FLUSH:
+          await dev.flush();
+          break;
+        case P.CMD_CACHE:
+          break;
+        case P.CMD_BLOCK_STATUS:
+          await this.blockStatus(req);
+          return;
+      }
+      this.done(req, 0);
+    } catch (e) {
+      this.log(`request failed: ${(e as Error).message}`);
+      this.done(req, errnoOf(e), (e as Error).message);
+    }
+  }
+
+  /** The protocol's checks of a request: [errno, message] when it must be refused. */
+  private validate(req: P.Request): [number, string] | undefined {
+    const size = this.exp.device.size;
+    const allowed: Record<number, number> = {
+      [P.CMD_READ]: P.CMD_FLAG_DF,
+      [P.CMD_WRITE]: P.CMD_FLAG_FUA,
+      [P.CMD_FLUSH]: 0,
+      [P.CMD_TRIM]: P.CMD_FLAG_FUA,
+      [P.CMD_CACHE]: 0,
+      [P.CMD_WRITE_ZEROES]: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
+      [P.CMD_BLOCK_STATUS]: P.CMD_FLAG_REQ_ONE,
+    };
+    const mask = allowed[req.type];
+    if (mask === undefined) return [P.EINVAL, `unsupported command ${req.type}`];
+    if (req.flags & ~mask) return [P.EINVAL, `unsupported flags 0x${req.flags.toString(16)}`];
+    if (req.flags & P.CMD_FLAG_DF && !this.structured) return [P.EINVAL, "DF without structured replies"];
+    const writes = req.type === P.CMD_WRITE || req.type === P.CMD_WRITE_ZEROES || req.type === P.CMD_TRIM;
+    if (writes && this.exp.readOnly) return [P.EPERM, "export is read-only"];
+    if (req.type === P.CMD_READ && req.length > P.MAX_PAYLOAD) {
+      return [P.EINVAL, `len (${req.length}) is larger than max len (${P.MAX_PAYLOAD})`];
+    }
+    if (req.type !== P.CMD_FLUSH && (req.offset > size || req.length > size - req.offset)) {
+      const error = req.type === P.CMD_WRITE || req.type === P.CMD_WRITE_ZEROES ? P.ENOSPC : P.EINVAL;
+      return [error, `operation past EOF; From: ${req.offset}, Len: ${req.length}, Size: ${size}`];
+    }
+    if (req.type === P.CMD_BLOCK_STATUS) {
+      if (!this.structured || this.contexts.length === 0) return [P.EINVAL, "no metadata context negotiated"];
+      if (req.length === 0) return [P.EINVAL, "block status of zero length"];
+    }
+    return undefined;
+  }
+
+  private async read(req: P.Request): Promise<void> {
+    const dev = this.exp.device;
+    const buf = Buffer.allocUnsafe(req.length);
+    if (!this.structured) {
+      await dev.read(buf, req.offset);
+      this.send(Buffer.concat([P.simpleReply(0, req.handle), buf]));
+      return;
+    }
+    // Zero runs go out as holes (unless the client wants one chunk): less to send and to read.
+    const parts: { start: number; length: number; hole: boolean }[] = [];
+    if (req.flags & P.CMD_FLAG_DF || req.length === 0) {
+      parts.push({ start: req.offset, length: req.length, hole: false });
+    } else {
+      for await (const e of dev.blockStatus(req.offset, req.length)) {
+        const start = Math.max(e.start, req.offset);
+        const end = Math.min(e.start + e.length, req.offset + req.length);
+        if (end <= start) continue;
+        const hole = e.zero && !e.data;
+        const last = parts[parts.length - 1];
+        if (last && last.hole === hole && last.start + last.length === start) last.length += end - start;
+        else parts.push({ start, length: end - start, hole });
+      }
+    }
+    const out: Buffer[] = [];
+    for (let i = 0; i < parts.length; i++) {
+      const p = parts[i];
+      const flags = i === parts.length - 1 ? P.REPLY_FLAG_DONE : 0;
+      if (p.hole) {
+        const b = Buffer.alloc(12);
+        b.writeBigUInt64BE(BigInt(p.start), 0);
+        b.writeUInt32BE(p.length, 8);
+        out.push(P.chunkHeader(flags, P.REPLY_TYPE_OFFSET_HOLE, req.handle, 12), b);
+      } else {
+        const data = buf.subarray(p.start - req.offset, p.start - req.offset + p.length);
+        await dev.read(data, p.start);
+        const o = Buffer.alloc(8);
+        o.writeBigUInt64BE(BigInt(p.start), 0);
+        out.push(P.chunkHeader(flags, P.REPLY_TYPE_OFFSET_DATA, req.handle, 8 + p.length), o, data);
+      }
+    }
+    if (parts.length === 0) out.push(P.chunkHeader(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, req.handle, 0));
+    this.send(Buffer.concat(out));
+  }
+
+  private async blockStatus(req: P.Request): Promise<void> {
+    const one = (req.flags & P.CMD_FLAG_REQ_ONE) !== 0;
+    const extents: Extent[] = [];
+    for await (const e of this.exp.device.blockStatus(req.offset, req.length)) {
+      const start = Math.max(e.start, req.offset);
+      const end = Math.min(e.start + e.length, req.offset + req.length);
+      if (end > start) extents.push({ ...e, start, length: end - start });
+      if (one || extents.length >= MAX_EXTENTS) break;
+    }
+    const out: Buffer[] = [];
+    this.contexts.forEach((id, k) => {
+      const status = (e: Extent): number =>
+        id === CONTEXT_BASE ? (e.data ? 0 : P.STATE_HOLE) | (e.zero ? P.STATE_ZERO : 0) : e.present ? e.depth + 1 : 0;
+      const descriptors: [number, number][] = [];
+      for (const e of extents) {
+        const s = status(e);
+        const last = descriptors[descriptors.length - 1];
+        if (last && last[1] === s && !one) last[0] += e.length;
+        else descriptors.push([e.length, s]);
+        if (one) break;
+      }
+      const b = Buffer.alloc(4 + 8 * descriptors.length);
+      b.writeUInt32BE(id, 0);
+      descriptors.forEach(([length, s], i) => {
+        b.writeUInt32BE(length, 4 + 8 * i);
+        b.writeUInt32BE(s, 8 + 8 * i);
+      });
+      const flags = k === this.contexts.length - 1 ? P.REPLY_FLAG_DONE : 0;
+      out.push(P.chunkHeader(flags, P.REPLY_TYPE_BLOCK_STATUS, req.handle, b.length), b);
+    });
+    this.send(Buffer.concat(out));
+  }
+}
+
+function u16(v: number): Buffer {
+  const b = Buffer.alloc(2);
+  b.writeUInt16BE(v, 0);
+  return b;
+}
+
+/** NBD_OPT_INFO / NBD_OPT_GO data: name length, name, count of info requests, requests. */
+function parseInfoRequest(d: Buffer): { name: string; requests: number[] } | undefined {
+  if (d.length < 6) return undefined;
+  const n = d.readUInt32BE(0);
+  if (n > P.MAX_STRING || 4 + n + 2 > d.length) return undefined;
+  const name = d.toString("utf8", 4, 4 + n);
+  const count = d.readUInt16BE(4 + n);
+  if (d.length !== 4 + n + 2 + 2 * count) return undefined;
+  const requests: number[] = [];
+  for (let i = 0; i < count; i++) requests.push(d.readUInt16BE(6 + n + 2 * i));
+  return { name, requests };
+}
+
+/** NBD_OPT_{LIST,SET}_META_CONTEXT data: export name, count of queries, queries. */
+function parseMetaContextRequest(d: Buffer): { name: string; queries: string[] } | undefined {
+  if (d.length < 8) return undefined;
+  const n = d.readUInt32BE(0);
+  if (n > P.MAX_STRING || 4 + n + 4 > d.length) return undefined;
+  const name = d.toString("utf8", 4, 4 + n);
+  const count = d.readUInt32BE(4 + n);
+  let at = 8 + n;
+  const queries: string[] = [];
+  for (let i = 0; i < count; i++) {
+    if (at + 4 > d.length) return undefined;
+    const len = d.readUInt32BE(at);
+    if (len > P.MAX_STRING || at + 4 + len > d.length) return undefined;
+    queries.push(d.toString("utf8", at + 4, at + 4 + len));
+    at += 4 + len;
+  }
+  return at === d.length ? { name, queries } : undefined;
+}
+
+/**
+ * Listens for NBD clients. Emits "idle" each time the last client has left, and "connection"
+ * when one arrives.
+ */
+export class NbdServer extends EventEmitter {
+  private readonly server: net.Server;
+  private readonly connections = new Map<net.Socket, { conn: Connection; done: Promise<void> }>();
+  private readonly log: (line: string) => void;
+
+  constructor(private readonly opts: NbdServerOptions) {
+    super();
+    this.log = opts.log ?? (() => {});
+    this.server = net.createServer((socket) => this.accept(socket));
+  }
+
+  /** Starts listening on a TCP address or a Unix socket path. */
+  listen(target: { host: string; port: number } | { path: string }): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.server.once("error", reject);
+      this.server.listen("path" in target ? target.path : { host: target.host, port: target.port }, () => {
+        this.server.off("error", reject);
+        resolve();
+      });
+    });
+  }
+
+  address(): net.AddressInfo | string | null {
+    return this.server.address();
+  }
+
+  get clients(): number {
+    return this.connections.size;
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.connections.size >= this.opts.shared) {
+      this.log("refusing connection: too many clients (see --shared)");
+      socket.destroy();
+      return;
+    }
+    const conn = new Connection(socket, this.opts.export, this.log);
+    const done = conn.run().finally(() => {
+      this.connections.delete(socket);
+      if (this.connections.size === 0) this.emit("idle");
+    });
+    this.connections.set(socket, { conn, done });
+    this.emit("connection");
+  }
+
+  /** Stops accepting; requests in flight finish and are answered; then connections close. */
+  async close(): Promise<void> {
+    const closed = new Promise<void>((r) => this.server.close(() => r()));
+    for (const { conn } of this.connections.values()) conn.stop();
+    await Promise.all([...this.connections.values()].map((c) => c.done));
+    for (const socket of this.connections.keys()) socket.destroy();
+    await closed;
+  }
+}
