@@ -30,7 +30,7 @@ export interface NbdExport {
 
 export interface NbdServerOptions {
   export: NbdExport;
-  /** Clients served at once (qemu-nbd --shared); more connections are closed at once. */
+  /** Clients served at once (qemu-nbd --shared); more connections wait for a free place. */
   shared: number;
   /** Called with a line for each notable event (a client error, a refused connection). */
   log?: (line: string) => void;
@@ -186,7 +186,7 @@ class Connection {
     if (this.exp.readOnly) f |= P.FLAG_READ_ONLY;
     else f |= P.FLAG_SEND_TRIM | P.FLAG_SEND_WRITE_ZEROES | P.FLAG_SEND_FAST_ZERO;
     if (this.structured) f |= P.FLAG_SEND_DF;
-    if (this.exp.multiConn || this.exp.readOnly) f |= P.FLAG_CAN_MULTI_CONN;
+    if (this.exp.multiConn) f |= P.FLAG_CAN_MULTI_CONN;
     return f;
   }
 
@@ -566,6 +566,8 @@ export class NbdServer extends EventEmitter {
   private readonly server: net.Server;
   private readonly connections = new Map<net.Socket, { conn: Connection; done: Promise<void> }>();
   private readonly log: (line: string) => void;
+  private readonly waiting: net.Socket[] = [];
+  private closing = false;
 
   constructor(private readonly opts: NbdServerOptions) {
     super();
@@ -592,16 +594,29 @@ export class NbdServer extends EventEmitter {
     return this.connections.size;
   }
 
+  /**
+   * A connection beyond --shared waits, unanswered, until a client leaves (as with qemu-nbd,
+   * which stops accepting): the client sees no greeting until then.
+   */
   private accept(socket: net.Socket): void {
-    if (this.connections.size >= this.opts.shared) {
-      this.log("refusing connection: too many clients (see --shared)");
+    if (this.closing) {
       socket.destroy();
+      return;
+    }
+    if (this.connections.size >= this.opts.shared) {
+      this.waiting.push(socket);
+      socket.once("close", () => {
+        const i = this.waiting.indexOf(socket);
+        if (i >= 0) this.waiting.splice(i, 1);
+      });
       return;
     }
     const conn = new Connection(socket, this.opts.export, this.log);
     const done = conn.run().finally(() => {
       this.connections.delete(socket);
-      if (this.connections.size === 0) this.emit("idle");
+      const next = this.waiting.shift();
+      if (next && !this.closing) this.accept(next);
+      else if (this.connections.size === 0) this.emit("idle");
     });
     this.connections.set(socket, { conn, done });
     this.emit("connection");
@@ -609,6 +624,8 @@ export class NbdServer extends EventEmitter {
 
   /** Stops accepting; requests in flight finish and are answered; then connections close. */
   async close(): Promise<void> {
+    this.closing = true;
+    for (const socket of this.waiting.splice(0)) socket.destroy();
     const closed = new Promise<void>((r) => this.server.close(() => r()));
     for (const { conn } of this.connections.values()) conn.stop();
     await Promise.all([...this.connections.values()].map((c) => c.done));
