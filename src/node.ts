@@ -9,6 +9,7 @@ import { FileStorage } from "./io/file.js";
 
 export { nodeCodecs, nodeZlib, nodeZstd } from "./codec/node.js";
 export { FileStorage } from "./io/file.js";
+export { type NbdExport, NbdServer, type NbdServerOptions } from "./nbd/server.js";
 
 /** QEMU's path_combine: a relative name is taken from the directory of the image naming it. */
 export function combinePath(base: string, relative: string): string {
