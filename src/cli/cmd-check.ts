@@ -1,8 +1,10 @@
 /** qcowkit check: qemu-img check's findings, summary, JSON and exit codes (0/1/2/3/63). */
 import { QcowError } from "../errors.js";
 import { CheckFailed, type CheckResult, checkQcow2, FIX_ERRORS, FIX_LEAKS } from "../image/check.js";
-import { probeFormat } from "../image/open.js";
+import { parseFormat, probeFormat } from "../image/open.js";
+import { Qcow2Image } from "../image/qcow2.js";
 import { FileStorage } from "../io/file.js";
+import { combinePath, openImageFile } from "../node.js";
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
 import { printf2 } from "./progress.js";
@@ -59,6 +61,34 @@ function json(c: CheckResult, filename: string): string {
   });
 }
 
+/** As qemu-img, which opens the whole image: a backing file or data file that is missing fails the check. */
+async function openDependencies(storage: FileStorage, file: string): Promise<void> {
+  let header: Awaited<ReturnType<typeof Qcow2Image.readHeader>>;
+  try {
+    header = await Qcow2Image.readHeader(storage, true);
+  } catch (e) {
+    if (e instanceof QcowError) throw new ExitError(`Could not open '${file}': ${e.message}`);
+    throw e;
+  }
+  const { backingName, extensions } = header;
+  try {
+    if (backingName !== undefined) {
+      const format = extensions.backingFormat !== undefined ? parseFormat(extensions.backingFormat) : undefined;
+      const backing = await openImageFile(combinePath(file, backingName), { format, metadataOnly: true }).catch(
+        (e: unknown) => {
+          throw new Error(`Could not open backing file: ${(e as Error).message}`);
+        },
+      );
+      await backing.close();
+    }
+    if (extensions.dataFile !== undefined) {
+      await (await FileStorage.open(combinePath(file, extensions.dataFile), { readOnly: true })).close();
+    }
+  } catch (e) {
+    throw new ExitError(`Could not open '${file}': ${(e as Error).message}`);
+  }
+}
+
 export const check: Command = {
   name: "check",
   synopsis: "qcowkit check [-q] [-f FMT] [--output human|json] [-r leaks|all] [-U] FILE",
@@ -95,8 +125,19 @@ export const check: Command = {
     };
     const storage = await FileStorage.open(file, { readOnly: fix === 0 });
     try {
-      const format = formatOption(v.f as string | undefined) ?? (await probeFormat(storage));
-      if (format !== "qcow2") throw new ExitError("This image format does not support checks", 63);
+      const given = formatOption(v.f as string | undefined);
+      const format = given ?? (await probeFormat(storage));
+      if (format !== "qcow2") {
+        if (given === undefined && fix) {
+          process.stderr.write(
+            `WARNING: Image format was not specified for '${file}' and probing guessed raw.\n` +
+              "         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n" +
+              "         Specify the 'raw' format explicitly to remove the restrictions.\n",
+          );
+        }
+        throw new ExitError("This image format does not support checks", 63);
+      }
+      await openDependencies(storage, file);
       const log = (line: string): void => {
         process.stderr.write(`${line}\n`);
       };
