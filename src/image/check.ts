@@ -230,10 +230,14 @@ class Checker {
     this.refcountMax = maxRefcount(h.refcountOrder);
   }
 
+  /** Reads metadata; what lies past the end of the file reads as zeros (as in QEMU). */
   async read(offset: number, length: number): Promise<Uint8Array> {
     const b = new Uint8Array(length);
-    const n = await this.s.read(b, offset);
-    if (n < length) b.fill(0, n);
+    const inFile = Math.max(0, Math.min(length, this.fileSize - offset));
+    if (inFile > 0) {
+      const n = await this.s.read(b.subarray(0, inFile), offset);
+      if (n < inFile) b.fill(0, n, inFile);
+    }
     return b;
   }
 
@@ -716,7 +720,8 @@ class Checker {
       else if (!kinds.includes(kind)) kinds.push(kind);
     };
     const add = (offset: number, length: number, kind: string): void => {
-      if (length <= 0) return;
+      // Only what lies in the file can be overwritten (and past 2^53 offsets are not exact).
+      if (length <= 0 || offset >= this.fileSize) return;
       for (let c = Math.floor(offset / cs); c <= Math.floor((offset + length - 1) / cs); c++) put(c, kind);
     };
     add(0, cs, "qcow2_header");

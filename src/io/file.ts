@@ -78,12 +78,18 @@ export class FileStorage implements Storage {
   // less per call than FileHandle's promise API, and convert makes many calls.
   async read(dst: Uint8Array, offset: number): Promise<number> {
     let done = 0;
-    while (done < dst.length) {
-      const n = await new Promise<number>((resolve, reject) =>
-        fsRead(this.fh.fd, dst, done, dst.length - done, offset + done, (e, bytes) => (e ? reject(e) : resolve(bytes))),
-      );
-      if (n === 0) break;
-      done += n;
+    try {
+      while (done < dst.length) {
+        const n = await new Promise<number>((resolve, reject) =>
+          fsRead(this.fh.fd, dst, done, dst.length - done, offset + done, (e, bytes) =>
+            e ? reject(e) : resolve(bytes),
+          ),
+        );
+        if (n === 0) break;
+        done += n;
+      }
+    } catch (e) {
+      throw failed(e, "read from", this.name, offset);
     }
     return done;
   }
@@ -91,26 +97,57 @@ export class FileStorage implements Storage {
   async write(src: Uint8Array, offset: number): Promise<void> {
     if (this.readOnly) throw new QcowError("read-only", `${this.name} is open read-only`);
     let done = 0;
-    while (done < src.length) {
-      done += await new Promise<number>((resolve, reject) =>
-        fsWrite(this.fh.fd, src, done, src.length - done, offset + done, (e, bytes) =>
-          e ? reject(e) : resolve(bytes),
-        ),
-      );
+    try {
+      while (done < src.length) {
+        done += await new Promise<number>((resolve, reject) =>
+          fsWrite(this.fh.fd, src, done, src.length - done, offset + done, (e, bytes) =>
+            e ? reject(e) : resolve(bytes),
+          ),
+        );
+      }
+    } catch (e) {
+      throw failed(e, "write to", this.name, offset);
     }
   }
 
   async flush(): Promise<void> {
-    if (!this.readOnly && this.sync) await this.fh.datasync();
+    try {
+      if (!this.readOnly && this.sync) await this.fh.datasync();
+    } catch (e) {
+      throw failed(e, "flush", this.name);
+    }
   }
 
   async truncate(size: number): Promise<void> {
-    await this.fh.truncate(size);
+    try {
+      await this.fh.truncate(size);
+    } catch (e) {
+      throw failed(e, "resize", this.name, size);
+    }
   }
 
   async close(): Promise<void> {
     await this.fh.close();
   }
+}
+
+const REASONS: Record<string, string> = {
+  ENOSPC: "No space left on device",
+  EFBIG: "File too large",
+  EIO: "Input/output error",
+  EROFS: "Read-only file system",
+  EDQUOT: "Disk quota exceeded",
+};
+
+/**
+ * A failed read, write, flush or resize as a QcowError ("io"); the system error stays as its
+ * `cause` (its `code`, such as ENOSPC, is what an NBD client is told).
+ */
+function failed(e: unknown, what: string, name: string, offset?: number): QcowError {
+  const err = e as NodeJS.ErrnoException;
+  const reason = (err.code && REASONS[err.code]) ?? err.message ?? String(e);
+  const at = offset === undefined ? "" : ` at offset ${offset}`;
+  return new QcowError("io", `Could not ${what} '${name}'${at}: ${reason}`, { cause: e });
 }
 
 /** Turns a Node system error into a QcowError that names the file, as qemu-img words it. */

@@ -128,6 +128,8 @@ class SocketReader {
 
 /** The errno a failed request reports to the client. */
 function errnoOf(e: unknown): number {
+  const cause = e instanceof QcowError ? (e.cause as { code?: string } | undefined) : undefined;
+  if (cause?.code === "ENOSPC") return P.ENOSPC;
   if (e instanceof QcowError) {
     if (e.code === "read-only") return P.EPERM;
     if (e.code === "invalid-argument") return P.EINVAL;
