@@ -13,7 +13,7 @@
  * dependencies); overwrites of clusters this image owns go straight to their host cluster.
  */
 import { corrupt, QcowError, unsupported } from "../errors.js";
-import { view } from "../format/bytes.js";
+import { textEncoder, view } from "../format/bytes.js";
 import {
   AUTOCLEAR_BITMAPS,
   AUTOCLEAR_DATA_FILE_RAW,
@@ -21,6 +21,7 @@ import {
   encodeHeader,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
+  MAX_BACKING_NAME,
 } from "../format/header.js";
 import {
   ClusterType,
@@ -630,6 +631,114 @@ export class Qcow2Writer {
       }
       await this.maybeWriteBack();
     }
+  }
+
+  // ---- whole-image changes (commit, rebase) ----------------------------------------------
+
+  /**
+   * Makes every guest cluster unallocated, so that reads fall through to the backing file
+   * (QEMU's qcow2_make_empty, which qemu-img commit runs on the committed overlay). The L1
+   * entries are cleared on disk first; only then are the L2 tables and the clusters they point
+   * at released (the data of an L2 table shared with a snapshot stays, the table loses one
+   * reference). A crash in between leaks clusters, never corrupts. Free clusters at the end of
+   * the file are cut off, as QEMU's emptying leaves a small file.
+   */
+  async makeEmpty(): Promise<void> {
+    this.checkOpen();
+    const img = this.img;
+    const cs = this.cs;
+    await this.meta.run(async () => {
+      await this.flushMetadata();
+      const tables: number[] = [];
+      for (let i = 0; i < img.l1.length; i++) {
+        if (img.l1[i] === 0) continue;
+        tables.push(img.l1[i]);
+        img.l1[i] = 0;
+        img.l1Copied[i] = 0;
+        this.l1Dirty.add(i);
+      }
+      await this.writeL1Entries();
+      await img.storage.flush();
+      for (const offset of tables) {
+        if ((await this.refcounts.get(offset / cs)) === 1) {
+          const table = await img.loadL2(offset);
+          for (let i = 0; i < img.l2Entries; i++) this.releaseEntry(img.decodeAt(table, i, offset));
+        }
+        this.refcounts.release(offset / cs);
+        img.l2Cache.delete(offset);
+      }
+      await this.flushMetadata();
+    });
+    await this.flush();
+    if (this.refcounts.pendingReleases === 0) {
+      let end = Math.ceil((await img.storage.size()) / cs);
+      while (end > 0 && (await this.refcounts.get(end - 1)) === 0) end--;
+      if (end * cs < (await img.storage.size())) {
+        await img.storage.truncate(end * cs);
+        await img.storage.flush();
+      }
+    }
+  }
+
+  /**
+   * The header cluster with another backing file name and format (none: undefined), or the
+   * reason it cannot be: a name longer than 1023 bytes or one that does not fit in the first
+   * cluster ("No space left in the file header"), a backing file beside a raw data file.
+   */
+  backingHeader(name: string | undefined, format: string | undefined): Uint8Array {
+    const img = this.img;
+    if (name !== undefined && this.dataFileRaw) {
+      throw new QcowError(
+        "invalid-argument",
+        "Invalid argument: an image with a raw data file cannot have a backing file",
+      );
+    }
+    if (name !== undefined && textEncoder.encode(name).length > MAX_BACKING_NAME) {
+      throw new QcowError(
+        "invalid-argument",
+        `Invalid argument: backing file name longer than ${MAX_BACKING_NAME} bytes`,
+      );
+    }
+    const extensions = { ...img.extensions, backingFormat: name === undefined ? undefined : format };
+    try {
+      return encodeHeader(img.header, extensions, name);
+    } catch (e) {
+      throw new QcowError("invalid-argument", "No space left in the file header", { cause: e });
+    }
+  }
+
+  /**
+   * Points the image at another backing file, or at none (QEMU's qcow2_change_backing_file):
+   * the name and the backing format extension change in one write of the header cluster,
+   * made after everything written before it is durable; the other extensions are kept.
+   * A name that cannot be stored (see backingHeader) is refused and nothing changes.
+   */
+  async changeBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
+    this.checkOpen();
+    const header = this.backingHeader(name, format);
+    await this.flush();
+    await this.img.storage.write(header, 0);
+    await this.img.storage.flush();
+    this.img.backingName = name;
+    this.img.extensions.backingFormat = name === undefined ? undefined : format;
+  }
+
+  /**
+   * Grows the virtual size where the L1 table already covers the new size (as an image made
+   * by QEMU or qcowkit covers up to the end of its last L2 table's range). Used by commit to
+   * grow a base that is shorter than its overlay.
+   */
+  async growWithinL1(size: number): Promise<void> {
+    this.checkOpen();
+    const img = this.img;
+    if (size <= img.size) return;
+    if (Math.ceil(size / this.cs / img.l2Entries) > img.l1.length || this.bitmaps || img.bitmaps.length > 0) {
+      throw unsupported(`Growing ${img.filename} to ${size} bytes needs a larger L1 table or bitmaps resized`);
+    }
+    await this.flush();
+    img.header.size = size;
+    img.size = size;
+    await this.writeHeader();
   }
 
   // ---- write-back ------------------------------------------------------------------------

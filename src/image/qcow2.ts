@@ -86,7 +86,8 @@ export class Qcow2Image implements BlockDevice {
   readonly storage: Storage;
   readonly header: Qcow2Header;
   readonly extensions: HeaderExtensions;
-  readonly backingName: string | undefined;
+  /** The backing file name in the header (changed by Qcow2Writer.changeBackingFile). */
+  backingName: string | undefined;
   readonly backing: Qcow2Image | RawImage | undefined;
   readonly dataFile: Storage | undefined;
   readonly readOnly: boolean;
