@@ -12,6 +12,7 @@ import { convert } from "../ops/convert.js";
 import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
+import { commitCommand } from "./cmd-commit.js";
 import { measureCommand } from "./cmd-measure.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
@@ -355,7 +356,16 @@ const create: Command = {
   },
 };
 
-export const commands: Command[] = [create, info, map, convertCmd, compare, measureCommand];
+export const commands: Command[] = [
+  create,
+  info,
+  map,
+  convertCmd,
+  compare,
+  measureCommand,
+  commitCommand,
+  rebaseCommand,
+];
 
 export function usage(): string {
   return [
