@@ -14,6 +14,7 @@ import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
 import { commitCommand } from "./cmd-commit.js";
 import { measureCommand } from "./cmd-measure.js";
+import { rebaseCommand } from "./cmd-rebase.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
