@@ -69,7 +69,7 @@ async function copyDifferences(
     const end = e.start + e.length;
     for (let at = e.start; at < end; ) {
       // Steps stop at the ends of the old and new backing files, as qemu-img's do.
-      let n = Math.min(REBASE_CHUNK, end - at);
+      let n = end - at;
       if (at < oldSize) n = Math.min(n, oldSize - at);
       if (at < newSize) n = Math.min(n, newSize - at);
       let newZero = !cursor || at >= newSize;
@@ -79,7 +79,10 @@ async function copyDifferences(
         newZero = ne.zero;
       }
       // Both read as zeros: nothing can differ (a sparse 4 TiB image costs no reads).
-      if (!(e.zero && newZero)) await copyStep(image, newBacking, at, n, at >= oldSize, newZero, bufOld, bufNew);
+      if (!(e.zero && newZero)) {
+        n = Math.min(n, REBASE_CHUNK);
+        await copyStep(image, newBacking, at, n, at >= oldSize, newZero, bufOld, bufNew);
+      }
       at += n;
     }
   }
