@@ -117,6 +117,6 @@ async function grow(base: Image, size: number): Promise<void> {
     await base.storage.truncate(size);
     base.size = size;
   } else if (base.writer) {
-    await base.writer.growWithinL1(size);
+    await base.writer.grow(size);
   }
 }

@@ -134,6 +134,15 @@ describe("commit", () => {
     const info = JSON.parse((await qemuImgOk(["info", "--output=json", p("mid.qcow2")])).stdout);
     assert.equal(info["virtual-size"], 20 * 1024 * KiB);
     await assertSameContents(p("top-before.raw"), p("mid.qcow2"));
+    // Past what its L1 table maps (512 MiB per entry): the table moves.
+    await qemuImgOk(["resize", "-q", p("top.qcow2"), "3G"]);
+    await qemuIoOk(p("top.qcow2"), ["write -P 12 2G 1M", "write -P 13 3071M 1M"]);
+    await qemuImgOk(["convert", "-q", "-O", "raw", p("top.qcow2"), p("top-3g.raw")]);
+    const r2 = await qcowkit(["commit", "-b", "base.qcow2", p("top.qcow2")]);
+    assertCleanExit(r2, 0, "qcowkit commit -b (L1 table moves)");
+    await assertChecked(p("base.qcow2"));
+    await assertSameContents(p("top-3g.raw"), p("base.qcow2"));
+    await fs.rm(p("top-3g.raw"));
   });
 
   test("v2 and snapshot-holding tops are emptied cluster by cluster; the snapshot stays intact", async () => {

@@ -145,20 +145,27 @@ test("commit -b BASE: every layer above the base is written into it; the layers 
   await assertQemuClean({ "base.qcow2": baseBytes }, ["base.qcow2"]);
 });
 
-test("commit: a base shorter than the top grows to the top's size", async () => {
-  const { opener, expected } = chain(SIZE, 32 * CS);
-  const top = await open(opener, "top.qcow2");
-  const base = await open(opener, "base.qcow2");
-  assert.equal(base.size, 32 * CS);
-  await commit(top, base, 2, { drop: true });
-  assert.equal(base.size, SIZE);
-  assert.deepEqual(await readAll(base), expected);
-  await base.close();
-  await top.close();
-  const bytes = opener.storages[opener.opened.lastIndexOf("base.qcow2")].bytes();
-  const reopened = await Qcow2Image.open(new MemoryStorage(bytes), { readOnly: true });
-  assert.equal(reopened.size, SIZE, "the new size is in the header");
-});
+for (const [what, topSize] of [
+  ["within its L1 table", SIZE],
+  ["moving its L1 table", 3 * 256 * CS], // 3 MiB: two more L2 tables' worth of 4 KiB clusters
+] as const) {
+  test(`commit: a base shorter than the top grows to the top's size (${what})`, async () => {
+    const { opener, expected } = chain(topSize, 32 * CS);
+    const top = await open(opener, "top.qcow2");
+    const base = await open(opener, "base.qcow2");
+    assert.equal(base.size, 32 * CS);
+    await commit(top, base, 2, { drop: true });
+    assert.equal(base.size, topSize);
+    assert.deepEqual(await readAll(base), expected);
+    await base.close();
+    await top.close();
+    const bytes = opener.storages[opener.opened.lastIndexOf("base.qcow2")].bytes();
+    const reopened = await Qcow2Image.open(new MemoryStorage(bytes), { readOnly: true, codecs: nodeCodecs });
+    assert.equal(reopened.size, topSize, "the new size is in the header");
+    assert.deepEqual(await readAll(reopened), expected);
+    await assertQemuClean({ "base.qcow2": bytes }, ["base.qcow2"]);
+  });
+}
 
 test("commit: refuses a layer that is not below the top, and a read-only base", async () => {
   const { opener } = chain();
