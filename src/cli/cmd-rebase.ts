@@ -94,18 +94,7 @@ export const rebaseCommand: Command = {
       if (backingFormat !== undefined && !QEMU_FORMATS.includes(backingFormat)) {
         throw new ExitError(`Invalid format name: '${backingFormat}'`);
       }
-      // qemu-img 7.2 copies first and only then finds it cannot name the backing file.
       const newName = name === "" ? undefined : name;
-      const cannot = (why: string): ExitError =>
-        new ExitError(`Could not change the backing file to '${name}': ${why}`);
-      if (image.format !== "qcow2") throw cannot("Operation not supported");
-      if (newName !== undefined && backingFormat === undefined) throw cannot("backing format must be specified");
-      try {
-        image.writer?.backingHeader(newName, backingFormat);
-      } catch (e) {
-        if (e instanceof QcowError) throw cannot(e.message.split(":")[0]);
-        throw e;
-      }
       let newBacking: Image | undefined;
       let depth: number | undefined;
       if (!unsafe && newName !== undefined) {
@@ -123,6 +112,17 @@ export const rebaseCommand: Command = {
           }
           newBacking = opened;
         }
+      }
+      // qemu-img 7.2 finds these only after copying; qcowkit refuses before, with its messages.
+      const cannot = (why: string): ExitError =>
+        new ExitError(`Could not change the backing file to '${name}': ${why}`);
+      if (image.format !== "qcow2") throw cannot("Operation not supported");
+      if (newName !== undefined && backingFormat === undefined) throw cannot("backing format must be specified");
+      try {
+        image.writer?.backingHeader(newName, backingFormat);
+      } catch (e) {
+        if (e instanceof QcowError) throw cannot(e.message.split(":")[0]);
+        throw e;
       }
       await rebase(image, newBacking, newName, backingFormat, {
         unsafe,
