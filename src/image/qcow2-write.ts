@@ -38,6 +38,9 @@ import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts } from "./refcount.js";
 import { rebuildRefcounts } from "./repair.js";
 
+/** Decrements makeEmpty holds back at most before applying them (bounds its memory). */
+const MAX_PENDING_RELEASES = 1 << 20;
+
 /** Most guest clusters one allocating request handles at once (bounds its buffer). */
 const MAX_ALLOC_GROUP = 256;
 
@@ -667,6 +670,9 @@ export class Qcow2Writer {
         }
         this.refcounts.release(offset / cs);
         img.l2Cache.delete(offset);
+        // Bounded memory: the decrements held back so far are applied (the L1 entries that
+        // dropped them are already on disk).
+        if (this.refcounts.pendingReleases >= MAX_PENDING_RELEASES) await this.flushMetadata();
       }
       await this.flushMetadata();
     });
