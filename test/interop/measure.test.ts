@@ -74,7 +74,7 @@ describe("measure", () => {
       ["-o", "preallocation=falloc"],
       ["-o", "preallocation=full,cluster_size=1M"],
       ["-o", "compat=0.10"],
-      ["-o", "compat=1.1,lazy_refcounts=on,compression_type=zstd"],
+      ["-o", "compat=1.1,lazy_refcounts=on,compression_type=zstd,encryption=off,nocow=on"],
     ];
     for (const size of sizesList) {
       for (const o of optionSets) {
