@@ -13,7 +13,7 @@
  * dependencies); overwrites of clusters this image owns go straight to their host cluster.
  */
 import { corrupt, QcowError, unsupported } from "../errors.js";
-import { textEncoder, view } from "../format/bytes.js";
+import { setU64, textEncoder, view } from "../format/bytes.js";
 import {
   AUTOCLEAR_BITMAPS,
   AUTOCLEAR_DATA_FILE_RAW,
@@ -32,6 +32,7 @@ import {
   type L2Entry,
   maxRefcount,
 } from "../format/tables.js";
+import { readFull } from "../io/storage.js";
 import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks, Turns } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
@@ -715,19 +716,59 @@ export class Qcow2Writer {
   }
 
   /**
-   * Points the image at another backing file, or at none (QEMU's qcow2_change_backing_file):
-   * the name and the backing format extension change in one write of the header cluster,
-   * made after everything written before it is durable; the other extensions are kept.
-   * A name that cannot be stored (see backingHeader) is refused and nothing changes.
+   * Points the image at another backing file, or at none (QEMU's qcow2_change_backing_file),
+   * after everything written before is durable; the other extensions are kept. A name that
+   * cannot be stored (see backingHeader) is refused and nothing changes.
+   *
+   * When only the name changes (the extensions stay byte for byte the same, as for a new name
+   * with the same backing format), the new name is first written past the old one and flushed,
+   * then the 12 bytes of backing_file_offset and backing_file_size — inside the first sector,
+   * so written at once — point at it: a crash leaves either name, never a mix. Otherwise the
+   * header cluster is rewritten in one write, as QEMU rewrites it.
    */
   async changeBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
     this.checkOpen();
+    const img = this.img;
     const header = this.backingHeader(name, format);
     await this.flush();
-    await this.img.storage.write(header, 0);
-    await this.img.storage.flush();
-    this.img.backingName = name;
-    this.img.extensions.backingFormat = name === undefined ? undefined : format;
+    const current = new Uint8Array(this.cs);
+    await readFull(img.storage, current, 0);
+    const place = name === undefined ? undefined : this.nameBesideOld(current, header, textEncoder.encode(name));
+    if (place) {
+      await img.storage.write(place.bytes, place.offset);
+      await img.storage.flush();
+      const pointer = new Uint8Array(12);
+      setU64(view(pointer), 0, place.offset);
+      view(pointer).setUint32(8, place.bytes.length);
+      await img.storage.write(pointer, 8);
+    } else {
+      await img.storage.write(header, 0);
+    }
+    await img.storage.flush();
+    img.backingName = name;
+    img.extensions.backingFormat = name === undefined ? undefined : format;
+  }
+
+  /**
+   * Where a new backing file name can go without touching anything the current header uses:
+   * only when `encoded` (the full new header) equals `current` up to its name, apart from the
+   * name's offset and size fields, and the name fits after the old one.
+   */
+  private nameBesideOld(
+    current: Uint8Array,
+    encoded: Uint8Array,
+    name: Uint8Array,
+  ): { offset: number; bytes: Uint8Array } | undefined {
+    const cur = view(current);
+    const oldOffset = cur.getUint32(12);
+    const oldLength = cur.getUint32(16);
+    const newOffset = view(encoded).getUint32(12);
+    if (cur.getUint32(8) !== 0 || oldOffset === 0 || newOffset !== oldOffset) return undefined;
+    for (let i = 0; i < newOffset; i++) if (i >= 20 && current[i] !== encoded[i]) return undefined;
+    if (current.subarray(0, 8).some((b, i) => b !== encoded[i])) return undefined;
+    const offset = Math.ceil((oldOffset + oldLength) / 8) * 8;
+    if (offset + name.length > this.cs) return undefined;
+    return { offset, bytes: name };
   }
 
   /**

@@ -15,6 +15,7 @@ import { MemoryStorage } from "../../src/io/memory.js";
 import { findBackingImage } from "../../src/ops/commit.js";
 import { rebase } from "../../src/ops/rebase.js";
 import { buildImage, MapOpener, noise, pattern, qemuImg, readAll, withTempDir, writeFiles } from "./build-image.js";
+import { CrashStorage, tornWrite } from "./crash-storage.js";
 
 const CS = 4096;
 const SIZE = 64 * CS;
@@ -186,4 +187,67 @@ test("rebase: names the header cannot hold are refused before anything is writte
   await rebase(img2, undefined, "b".repeat(300), "qcow2", { unsafe: true });
   await img2.close();
   assert.equal((await Qcow2Image.open(new MemoryStorage(s2.bytes()))).backingName, "b".repeat(300));
+});
+
+/** Every disk state a crash can leave (see crash-storage.ts): each window's subsets and tears. */
+function crashStates(s: CrashStorage): { bytes: Uint8Array; what: string }[] {
+  const out: { bytes: Uint8Array; what: string }[] = [];
+  for (const f of [-1, ...s.flushPositions()]) {
+    const win = s.windowAfter(f).ops;
+    if (win.length > 10) throw new Error(`window of ${win.length} writes: too many to enumerate`);
+    for (let mask = 0; mask < 1 << win.length; mask++) {
+      const subset = win.filter((_, i) => mask & (1 << i));
+      out.push({ bytes: s.crashImage(f + 1, subset), what: `after flush ${f}, writes ${subset.join(",")}` });
+      for (const i of subset) {
+        const op = s.log[i];
+        if (op.kind !== "write") continue;
+        for (let at = 512 - (op.offset % 512); at < op.data.length; at += 512) {
+          for (const keepFirst of [true, false]) {
+            const torn = subset.map((j) => (j === i ? tornWrite(op, at, keepFirst) : j));
+            out.push({ bytes: s.crashImage(f + 1, torn), what: `after flush ${f}, ${i} torn at ${at}` });
+          }
+        }
+      }
+    }
+  }
+  return out;
+}
+
+test("rebase: a crash at any point leaves the image reading as before, over the backing file it names", async () => {
+  const { opener, expected } = fixture();
+  const storage = new CrashStorage(new MemoryStorage(opener.files.get("top.qcow2"), { name: "top.qcow2" }));
+  const img = await Qcow2Image.open(storage, {
+    readOnly: false,
+    codecs: nodeCodecs,
+    backing: await open(opener, "old.qcow2", true),
+  });
+  await rebase(img, await open(opener, "new.qcow2", true), "new.qcow2", "qcow2");
+  const states = crashStates(storage);
+  const names = new Set<string | undefined>();
+  for (const { bytes, what } of states) {
+    const files = new Map(opener.files);
+    files.set("top.qcow2", bytes);
+    const top = await open(new MapOpener(files), "top.qcow2", true);
+    names.add(top.backingName);
+    assert.deepEqual(await readAll(top), expected, `crash ${what}: guest contents changed`);
+  }
+  assert.deepEqual([...names].sort(), ["new.qcow2", "old.qcow2"], "both sides of the switch were tried");
+});
+
+test("rebase -u: a crash while renaming leaves the old or the new name, never a mix", async () => {
+  const { opener } = fixture();
+  for (const name of ["renamed/elsewhere.qcow2", "o.qcow2"]) {
+    const storage = new CrashStorage(new MemoryStorage(opener.files.get("top.qcow2")));
+    const img = await Qcow2Image.open(storage, { readOnly: false });
+    await rebase(img, undefined, name, "qcow2", { unsafe: true });
+    const seen = new Set<string | undefined>();
+    for (const { bytes, what } of crashStates(storage)) {
+      const h = await Qcow2Image.readHeader(new MemoryStorage(bytes));
+      assert.ok(h.backingName === "old.qcow2" || h.backingName === name, `crash ${what}: name ${h.backingName}`);
+      assert.equal(h.extensions.backingFormat, "qcow2");
+      assert.equal(h.extensions.featureNames.length, img.extensions.featureNames.length);
+      seen.add(h.backingName);
+    }
+    assert.equal(seen.size, 2);
+  }
 });
