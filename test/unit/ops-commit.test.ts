@@ -13,6 +13,7 @@ import { Qcow2Image } from "../../src/image/qcow2.js";
 import { MemoryStorage } from "../../src/io/memory.js";
 import { backingChain, commit, findBackingImage } from "../../src/ops/commit.js";
 import { buildImage, MapOpener, noise, pattern, qemuImg, readAll, withTempDir, writeFiles } from "./build-image.js";
+import { CrashStorage } from "./crash-storage.js";
 
 const CS = 4096;
 const SIZE = 64 * CS;
@@ -174,4 +175,43 @@ test("commit: refuses a layer that is not below the top, and a read-only base", 
   await assert.rejects(commit(top, mid, 0), /not a backing layer/);
   await assert.rejects(commit(top, mid, 3), /not a backing layer/);
   await assert.rejects(commit(top, mid, 1), /read-only/);
+});
+
+test("commit: a crash while the top is emptied leaves it reading the same, with no corruption", async () => {
+  const { opener, expected } = chain();
+  // First the commit into mid, then the emptying of the top recorded on a crash storage.
+  const top = await open(opener, "top.qcow2");
+  const mid = await open(opener, "mid.qcow2");
+  await commit(top, mid, 1, { drop: true });
+  await mid.close();
+  const midBytes = opener.storages[3].bytes();
+  const files = new Map([...opener.files, ["mid.qcow2", midBytes]]);
+  const storage = new CrashStorage(new MemoryStorage(opener.files.get("top.qcow2"), { name: "top.qcow2" }));
+  const img = await Qcow2Image.open(storage, {
+    readOnly: false,
+    codecs: nodeCodecs,
+    backing: await open(new MapOpener(files), "mid.qcow2", true),
+  });
+  await img.writer?.makeEmpty();
+  const flushes = [-1, ...storage.flushPositions()];
+  let states = 0;
+  await withTempDir(async (dir) => {
+    writeFiles(dir, { "mid.qcow2": midBytes, "base.qcow2": files.get("base.qcow2") as Uint8Array });
+    for (const f of flushes) {
+      const win = storage.windowAfter(f).ops;
+      const subsets = [win, [], win.filter((_, i) => i % 2 === 0), win.filter((_, i) => i % 2 === 1)];
+      for (const subset of subsets) {
+        const bytes = storage.crashImage(f + 1, subset);
+        const what = `crash after flush ${f} with writes ${subset.join(",")} of ${win.join(",")}`;
+        const state = await open(new MapOpener(new Map([...files, ["top.qcow2", bytes]])), "top.qcow2", true);
+        assert.deepEqual(await readAll(state), expected, `${what}: guest contents changed`);
+        writeFiles(dir, { "top.qcow2": bytes });
+        const r = qemuImg(["check", "--output=json", join(dir, "top.qcow2")]);
+        const report = JSON.parse(r.stdout) as { corruptions?: number; "check-errors"?: number };
+        assert.equal((report.corruptions ?? 0) + (report["check-errors"] ?? 0), 0, `${what}: ${r.stdout}`);
+        states++;
+      }
+    }
+  });
+  assert.ok(states > 8, `${states} crash states`);
 });
