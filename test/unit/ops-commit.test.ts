@@ -148,7 +148,7 @@ test("commit -b BASE: every layer above the base is written into it; the layers 
 
 for (const [what, topSize] of [
   ["within its L1 table", SIZE],
-  ["moving its L1 table", 3 * 256 * CS], // 3 MiB: two more L2 tables' worth of 4 KiB clusters
+  ["moving its L1 table", 3 * 256 * CS], // 3 MiB: two L2 tables' worth of 4 KiB clusters
 ] as const) {
   test(`commit: a base shorter than the top grows to the top's size (${what})`, async () => {
     const { opener, expected } = chain(topSize, 32 * CS);
@@ -214,4 +214,41 @@ test("commit: a crash while the top is emptied leaves it reading the same, with 
     }
   });
   assert.ok(states > 8, `${states} crash states`);
+});
+
+test("commit: a crash while a base grows past its L1 table leaves the old or the new size, intact", async () => {
+  const base = buildImage({
+    size: 32 * CS,
+    clusterBits: 12,
+    clusters: [
+      { guestCluster: 0, kind: "data", data: pattern(CS, 1) },
+      { guestCluster: 31, kind: "compressed", data: pattern(CS, 2) },
+    ],
+  });
+  const storage = new CrashStorage(new MemoryStorage(base.bytes, { name: "base.qcow2" }));
+  const img = await Qcow2Image.open(storage, { readOnly: false, codecs: nodeCodecs });
+  const newSize = 3 * 512 * CS; // three L2 tables' worth: the one-entry L1 table must move
+  await img.writer?.grow(newSize);
+  assert.equal(img.header.l1Size, 3);
+  const before = base.expected();
+  const sizesSeen = new Set<number>();
+  await withTempDir(async (dir) => {
+    for (const f of [-1, ...storage.flushPositions()]) {
+      const win = storage.windowAfter(f).ops;
+      for (const subset of [win, [], win.slice(0, 1), win.slice(1)]) {
+        const bytes = storage.crashImage(f + 1, subset);
+        const state = await Qcow2Image.open(new MemoryStorage(bytes), { codecs: nodeCodecs });
+        sizesSeen.add(state.size);
+        assert.ok(state.size === 32 * CS || state.size === newSize, `size ${state.size}`);
+        const contents = await readAll(state);
+        assert.deepEqual(contents.subarray(0, before.length), before);
+        assert.ok(contents.subarray(before.length).every((b) => b === 0));
+        writeFiles(dir, { "b.qcow2": bytes });
+        const r = qemuImg(["check", "--output=json", join(dir, "b.qcow2")]);
+        const report = JSON.parse(r.stdout) as { corruptions?: number; "check-errors"?: number };
+        assert.equal((report.corruptions ?? 0) + (report["check-errors"] ?? 0), 0, r.stdout);
+      }
+    }
+  });
+  assert.equal(sizesSeen.size, 2);
 });
