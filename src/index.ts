@@ -24,3 +24,6 @@ export { Qcow2Image, type Qcow2OpenOptions } from "./image/qcow2.js";
 export { RawImage } from "./image/raw.js";
 export { MemoryStorage } from "./io/memory.js";
 export type { Storage } from "./io/storage.js";
+export { backingChain, type CommitOptions, commit, findBackingImage } from "./ops/commit.js";
+export { type MeasureInfo, type MeasureOptions, measure } from "./ops/measure.js";
+export { type RebaseOptions, rebase } from "./ops/rebase.js";

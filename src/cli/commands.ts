@@ -13,6 +13,9 @@ import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
 import { check } from "./cmd-check.js";
+import { commitCommand } from "./cmd-commit.js";
+import { measureCommand } from "./cmd-measure.js";
+import { rebaseCommand } from "./cmd-rebase.js";
 import { serve } from "./cmd-serve.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
@@ -356,7 +359,18 @@ const create: Command = {
   },
 };
 
-export const commands: Command[] = [create, info, map, check, convertCmd, compare, serve];
+export const commands: Command[] = [
+  create,
+  info,
+  map,
+  check,
+  convertCmd,
+  compare,
+  measureCommand,
+  commitCommand,
+  rebaseCommand,
+  serve,
+];
 
 export function usage(): string {
   return [

@@ -13,7 +13,7 @@
  * dependencies); overwrites of clusters this image owns go straight to their host cluster.
  */
 import { corrupt, QcowError, unsupported } from "../errors.js";
-import { view } from "../format/bytes.js";
+import { setU64, textEncoder, view } from "../format/bytes.js";
 import {
   AUTOCLEAR_BITMAPS,
   AUTOCLEAR_DATA_FILE_RAW,
@@ -21,6 +21,8 @@ import {
   encodeHeader,
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
+  MAX_BACKING_NAME,
+  MAX_L1_BYTES,
 } from "../format/header.js";
 import {
   ClusterType,
@@ -30,11 +32,15 @@ import {
   type L2Entry,
   maxRefcount,
 } from "../format/tables.js";
+import { readFull } from "../io/storage.js";
 import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks, Turns } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts } from "./refcount.js";
 import { rebuildRefcounts } from "./repair.js";
+
+/** Decrements makeEmpty holds back at most before applying them (bounds its memory). */
+const MAX_PENDING_RELEASES = 1 << 20;
 
 /** Most guest clusters one allocating request handles at once (bounds its buffer). */
 const MAX_ALLOC_GROUP = 256;
@@ -633,6 +639,196 @@ export class Qcow2Writer {
       }
       await this.maybeWriteBack();
     }
+  }
+
+  // ---- whole-image changes (commit, rebase) ----------------------------------------------
+
+  /**
+   * Makes every guest cluster unallocated, so that reads fall through to the backing file
+   * (QEMU's qcow2_make_empty, which qemu-img commit runs on the committed overlay). The L1
+   * entries are cleared on disk first; only then are the L2 tables and the clusters they point
+   * at released (the data of an L2 table shared with a snapshot stays, the table loses one
+   * reference). A crash in between leaks clusters, never corrupts. Free clusters at the end of
+   * the file are cut off, as QEMU's emptying leaves a small file.
+   */
+  async makeEmpty(): Promise<void> {
+    this.checkOpen();
+    const img = this.img;
+    const cs = this.cs;
+    await this.meta.run(async () => {
+      await this.flushMetadata();
+      const tables: number[] = [];
+      for (let i = 0; i < img.l1.length; i++) {
+        if (img.l1[i] === 0) continue;
+        tables.push(img.l1[i]);
+        img.l1[i] = 0;
+        img.l1Copied[i] = 0;
+        this.l1Dirty.add(i);
+      }
+      await this.writeL1Entries();
+      await img.storage.flush();
+      for (const offset of tables) {
+        if ((await this.refcounts.get(offset / cs)) === 1) {
+          const table = await img.loadL2(offset);
+          for (let i = 0; i < img.l2Entries; i++) this.releaseEntry(img.decodeAt(table, i, offset));
+        }
+        this.refcounts.release(offset / cs);
+        img.l2Cache.delete(offset);
+        // Bounded memory: the decrements held back so far are applied (the L1 entries that
+        // dropped them are already on disk).
+        if (this.refcounts.pendingReleases >= MAX_PENDING_RELEASES) await this.flushMetadata();
+      }
+      await this.flushMetadata();
+    });
+    await this.flush();
+    if (this.refcounts.pendingReleases === 0) {
+      let end = Math.ceil((await img.storage.size()) / cs);
+      while (end > 0 && (await this.refcounts.get(end - 1)) === 0) end--;
+      if (end * cs < (await img.storage.size())) {
+        await img.storage.truncate(end * cs);
+        await img.storage.flush();
+      }
+    }
+  }
+
+  /**
+   * The header cluster with another backing file name and format (none: undefined), or the
+   * reason it cannot be: a name longer than 1023 bytes or one that does not fit in the first
+   * cluster ("No space left in the file header"), a backing file beside a raw data file.
+   */
+  backingHeader(name: string | undefined, format: string | undefined): Uint8Array {
+    const img = this.img;
+    if (name !== undefined && this.dataFileRaw) {
+      throw new QcowError(
+        "invalid-argument",
+        "Invalid argument: an image with a raw data file cannot have a backing file",
+      );
+    }
+    if (name !== undefined && textEncoder.encode(name).length > MAX_BACKING_NAME) {
+      throw new QcowError(
+        "invalid-argument",
+        `Invalid argument: backing file name longer than ${MAX_BACKING_NAME} bytes`,
+      );
+    }
+    const extensions = { ...img.extensions, backingFormat: name === undefined ? undefined : format };
+    try {
+      return encodeHeader(img.header, extensions, name);
+    } catch (e) {
+      throw new QcowError("invalid-argument", "No space left in the file header", { cause: e });
+    }
+  }
+
+  /**
+   * Points the image at another backing file, or at none (QEMU's qcow2_change_backing_file),
+   * after everything written before is durable; the other extensions are kept. A name that
+   * cannot be stored (see backingHeader) is refused and nothing changes.
+   *
+   * When only the name changes (the extensions stay byte for byte the same, as for a new name
+   * with the same backing format), the new name is first written past the old one and flushed,
+   * then the 12 bytes of backing_file_offset and backing_file_size — inside the first sector,
+   * so written at once — point at it: a crash leaves either name, never a mix. Otherwise the
+   * header cluster is rewritten in one write, as QEMU rewrites it.
+   */
+  async changeBackingFile(name: string | undefined, format: string | undefined): Promise<void> {
+    this.checkOpen();
+    const img = this.img;
+    const header = this.backingHeader(name, format);
+    await this.flush();
+    const current = new Uint8Array(this.cs);
+    await readFull(img.storage, current, 0);
+    const place = name === undefined ? undefined : this.nameBesideOld(current, header, textEncoder.encode(name));
+    if (place) {
+      await img.storage.write(place.bytes, place.offset);
+      await img.storage.flush();
+      const pointer = new Uint8Array(12);
+      setU64(view(pointer), 0, place.offset);
+      view(pointer).setUint32(8, place.bytes.length);
+      await img.storage.write(pointer, 8);
+    } else {
+      await img.storage.write(header, 0);
+    }
+    await img.storage.flush();
+    img.backingName = name;
+    img.extensions.backingFormat = name === undefined ? undefined : format;
+  }
+
+  /**
+   * Where a new backing file name can go without touching anything the current header uses:
+   * only when `encoded` (the full new header) equals `current` up to its name, apart from the
+   * name's offset and size fields, and the name fits after the old one.
+   */
+  private nameBesideOld(
+    current: Uint8Array,
+    encoded: Uint8Array,
+    name: Uint8Array,
+  ): { offset: number; bytes: Uint8Array } | undefined {
+    const cur = view(current);
+    const oldOffset = cur.getUint32(12);
+    const oldLength = cur.getUint32(16);
+    const newOffset = view(encoded).getUint32(12);
+    if (cur.getUint32(8) !== 0 || oldOffset === 0 || newOffset !== oldOffset) return undefined;
+    for (let i = 0; i < newOffset; i++) if (i >= 20 && current[i] !== encoded[i]) return undefined;
+    if (current.subarray(0, 8).some((b, i) => b !== encoded[i])) return undefined;
+    const offset = Math.ceil((oldOffset + oldLength) / 8) * 8;
+    if (offset + name.length > this.cs) return undefined;
+    return { offset, bytes: name };
+  }
+
+  /**
+   * Grows the virtual size (used by commit to grow a base shorter than its overlay; the new
+   * part reads as zeros). When the L1 table is too short it moves, as QEMU's
+   * qcow2_grow_l1_table moves it: the new table is written and flushed, the header switches to
+   * it in one write, and only then is the old table released.
+   */
+  async grow(size: number): Promise<void> {
+    this.checkOpen();
+    const img = this.img;
+    if (size <= img.size) return;
+    if (this.bitmaps || img.bitmaps.length > 0) {
+      throw unsupported(`Cannot grow ${img.filename}: resizing persistent bitmaps is not supported`);
+    }
+    const entries = Math.ceil(size / this.cs / img.l2Entries);
+    if (entries * 8 > MAX_L1_BYTES) {
+      throw new QcowError("invalid-argument", "The image size is too large (try using a larger cluster size)");
+    }
+    await this.meta.run(async () => {
+      await this.flushMetadata();
+      if (entries > img.l1.length) await this.moveL1(entries);
+      img.header.size = size;
+      img.size = size;
+      await this.writeHeader();
+    });
+    await this.flush();
+  }
+
+  /** Moves the active L1 table to new clusters with `entries` entries (under the metadata lock). */
+  private async moveL1(entries: number): Promise<void> {
+    const img = this.img;
+    const cs = this.cs;
+    const clusters = Math.ceil((entries * 8) / cs);
+    if (clusters > this.refcounts.maxRun) throw unsupported(`An L1 table of ${clusters} clusters is not supported`);
+    const offset = await this.refcounts.allocate(clusters, this.tableMoved);
+    await this.refcounts.writeBack();
+    const l1 = new Float64Array(entries);
+    const copied = new Uint8Array(entries);
+    l1.set(img.l1);
+    copied.set(img.l1Copied);
+    const table = new Uint8Array(clusters * cs);
+    const dv = view(table);
+    for (let i = 0; i < img.l1.length; i++) {
+      const [hi, lo] = encodeL1Entry({ l2Offset: l1[i], copied: copied[i] === 1 });
+      dv.setUint32(i * 8, hi);
+      dv.setUint32(i * 8 + 4, lo);
+    }
+    await img.storage.write(table, offset);
+    await img.storage.flush();
+    const old = { offset: img.header.l1TableOffset, clusters: Math.ceil((img.l1.length * 8) / cs) };
+    img.header.l1TableOffset = offset;
+    img.header.l1Size = entries;
+    img.l1 = l1;
+    img.l1Copied = copied;
+    await this.writeHeader();
+    for (let i = 0; i < old.clusters && old.offset !== 0; i++) this.refcounts.release(old.offset / cs + i);
   }
 
   // ---- write-back ------------------------------------------------------------------------

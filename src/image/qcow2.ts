@@ -86,7 +86,8 @@ export class Qcow2Image implements BlockDevice {
   readonly storage: Storage;
   readonly header: Qcow2Header;
   readonly extensions: HeaderExtensions;
-  readonly backingName: string | undefined;
+  /** The backing file name in the header (changed by Qcow2Writer.changeBackingFile). */
+  backingName: string | undefined;
   readonly backing: Qcow2Image | RawImage | undefined;
   readonly dataFile: Storage | undefined;
   readonly readOnly: boolean;
@@ -102,10 +103,10 @@ export class Qcow2Image implements BlockDevice {
   readonly geometry: L2Geometry;
   /** @internal */
   readonly l2EntryBytes: number;
-  /** @internal L2 table offsets by L1 index (0: none). */
-  readonly l1: Float64Array;
+  /** @internal L2 table offsets by L1 index (0: none); replaced when the L1 table grows. */
+  l1: Float64Array;
   /** @internal The COPIED flag of each L1 entry. */
-  readonly l1Copied: Uint8Array;
+  l1Copied: Uint8Array;
   /** @internal */
   readonly l2Cache: TableCache<DataView>;
   /** @internal Set when the image is open for writing. */
