@@ -102,10 +102,13 @@ export class Qcow2Image implements BlockDevice {
   readonly geometry: L2Geometry;
   /** @internal */
   readonly l2EntryBytes: number;
-  /** @internal L2 table offsets by L1 index (0: none). */
-  readonly l1: Float64Array;
-  /** @internal The COPIED flag of each L1 entry. */
-  readonly l1Copied: Uint8Array;
+  /**
+   * @internal L2 table offsets by L1 index (0: none). Not readonly: applying an internal
+   * snapshot (snapshots.ts) replaces the active L1 table, whose size may differ.
+   */
+  l1: Float64Array;
+  /** @internal The COPIED flag of each L1 entry (replaced with `l1`). */
+  l1Copied: Uint8Array;
   /** @internal */
   readonly l2Cache: TableCache<DataView>;
   /** @internal Set when the image is open for writing. */
