@@ -23,7 +23,7 @@ import { hex, QcowError } from "../errors.js";
 import { view } from "../format/bytes.js";
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE } from "../format/header.js";
 import { encodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES, type Snapshot, snapshotTableSize } from "../format/snapshot.js";
-import { ClusterType, decodeL1Entry, encodeL1Entry, OFLAG_COPIED_HI } from "../format/tables.js";
+import { ClusterType, decodeL1Entry, encodeL1Entry, maxRefcount, OFLAG_COPIED_HI } from "../format/tables.js";
 import { readFull } from "../io/storage.js";
 import type { Qcow2Image } from "./qcow2.js";
 import type { MetadataAccess, Qcow2Writer } from "./qcow2-write.js";
@@ -126,7 +126,14 @@ export async function createSnapshot(
       await img.storage.write(encodeL1(img.l1, img.l1Copied), sn.l1TableOffset);
     }
     // One more reference to everything the active layer reaches; its COPIED flags all clear.
-    const copied = await updateReferences(img, m, img.l1, 1);
+    let copied: Uint8Array;
+    try {
+      copied = await updateReferences(img, m, img.l1, 1);
+    } catch (e) {
+      await freeRange(m, sn.l1TableOffset, sn.l1Size * 8, cs);
+      await m.writeBack();
+      throw e;
+    }
     setActiveCopied(img, m, copied);
     // Refcounts, then L2 tables, then the active L1 entries, each flushed.
     await m.writeBack();
@@ -304,6 +311,9 @@ function setActiveCopied(img: Qcow2Image, m: MetadataAccess, copied: Uint8Array)
  * the COPIED flags the L1 entries should have. A table whose refcount drops to 0 is freed: its
  * entries are left as they are and it leaves the cache, so it is never written back.
  *
+ * A refcount that would overflow its width (1-bit refcounts hold no second reference) stops the
+ * walk: the increments made so far are undone and the error (EINVAL, as QEMU's) is thrown.
+ *
  * Changed refcount blocks and tables stay in the caches, written back (refcounts first) whenever
  * they fill: partial increments or decrements on disk are leaks and harmless COPIED states only.
  */
@@ -313,25 +323,57 @@ async function updateReferences(
   l1: Float64Array,
   addend: number,
 ): Promise<Uint8Array> {
+  const done = { changes: 0 };
+  try {
+    return await walkReferences(img, m, l1, addend, done, Number.POSITIVE_INFINITY);
+  } catch (e) {
+    if (e instanceof SnapshotError && e.errno === 22 && addend > 0) {
+      // Same walk, same order: undo exactly the changes that were made.
+      await walkReferences(img, m, l1, -addend, { changes: 0 }, done.changes);
+    }
+    throw e;
+  }
+}
+
+async function walkReferences(
+  img: Qcow2Image,
+  m: MetadataAccess,
+  l1: Float64Array,
+  addend: number,
+  done: { changes: number },
+  limit: number,
+): Promise<Uint8Array> {
   const cs = img.clusterSize;
   const rc = m.refcounts;
+  const max = maxRefcount(rc.order);
   const copied = new Uint8Array(l1.length);
-  const change = async (cluster: number): Promise<number> =>
-    addend === 0 ? rc.get(cluster) : rc.update(cluster, addend, m.tableMoved);
-  for (let i = 0; i < l1.length; i++) {
+  const change = async (cluster: number): Promise<number> => {
+    if (addend === 0) return rc.get(cluster);
+    if (addend > 0 && (await rc.get(cluster)) + addend > max) {
+      throw new SnapshotError(
+        "invalid-argument",
+        `Refcount of cluster ${hex(cluster * cs)} would exceed ${max} (refcount_bits=${2 ** rc.order})`,
+        22,
+      );
+    }
+    const value = await rc.update(cluster, addend, m.tableMoved);
+    done.changes++;
+    return value;
+  };
+  for (let i = 0; i < l1.length && done.changes < limit; i++) {
     const l2Offset = l1[i];
     if (l2Offset === 0) continue;
     const freeing = addend < 0 && (await rc.get(l2Offset / cs)) === 1;
     const table = await img.loadL2(l2Offset);
     let dirty = false;
-    for (let j = 0; j < img.l2Entries; j++) {
+    for (let j = 0; j < img.l2Entries && done.changes < limit; j++) {
       const e = img.decodeAt(table, j, l2Offset);
       let refcount = 0;
       if (e.type === ClusterType.Compressed) {
         if (addend !== 0) {
           const first = Math.floor(e.hostOffset / 512) * 512;
           const end = first + Math.ceil(((e.hostOffset % 512) + e.compressedSize) / 512) * 512;
-          for (let c = Math.floor(first / cs); c < Math.ceil(end / cs); c++) await change(c);
+          for (let c = Math.floor(first / cs); c < Math.ceil(end / cs) && done.changes < limit; c++) await change(c);
         }
         continue; // never COPIED: compressed clusters are not written in place
       }
@@ -345,10 +387,11 @@ async function updateReferences(
         dirty = true;
       }
     }
+    if (dirty) img.l2Cache.markDirty(l2Offset, table);
+    if (done.changes >= limit) break;
     const tableRefcount = await change(l2Offset / cs);
     copied[i] = tableRefcount === 1 ? 1 : 0;
     if (tableRefcount === 0) img.l2Cache.delete(l2Offset);
-    else if (dirty) img.l2Cache.markDirty(l2Offset, table);
     if (img.l2Cache.overBudget || rc.overBudget) await m.writeBack();
   }
   return copied;
