@@ -55,7 +55,7 @@ function action(v: Record<string, unknown>): Action | undefined {
 
 export const snapshotCommand: Command = {
   name: "snapshot",
-  synopsis: "qcowkit snapshot [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] [-f FMT] [-q] [-U] FILE",
+  synopsis: "qcowkit snapshot [-l | -c NAME | -a SNAPSHOT | -d NAME] [-f FMT] [-q] [-U] FILE",
   help: [
     "Lists, creates, applies or deletes internal snapshots of a qcow2 image (as qemu-img snapshot).",
     "  -l           list the snapshots (the table qemu-img snapshot -l prints)",

@@ -181,6 +181,24 @@ describe("qcowkit snapshot", () => {
     ]);
   });
 
+  test("an overlay: snapshots of what the top layer holds, the backing file untouched", async () => {
+    const dir = await tmp.caseDir("overlay");
+    const backing = path.join(dir, "backing.qcow2");
+    await qemuImgOk(["create", "-q", "-f", "qcow2", backing, "4M"]);
+    await qemuIoOk(backing, ["write -P 0x61 0 4M"]);
+    const base = path.join(dir, "base.qcow2");
+    await qemuImgOk(["create", "-q", "-f", "qcow2", "-b", "backing.qcow2", "-F", "qcow2", base], { cwd: dir });
+    await qemuIoOk(base, ["write -P 0x62 1M 100k"]);
+    const backingBytes = await fs.readFile(backing);
+    await parallel(dir, base, [
+      { op: "c", name: "s" },
+      { io: ["write -P 0x63 0 2M", "write -z 3M 64k"] },
+      { op: "a", name: "s" },
+      { op: "d", name: "s" },
+    ]);
+    assert.ok(backingBytes.equals(await fs.readFile(backing)), "the backing file is not written");
+  });
+
   test("QEMU's snapshots applied and deleted by qcowkit; writes after a snapshot undone by apply", async () => {
     const dir = await tmp.caseDir("from-qemu");
     const img = path.join(dir, "img.qcow2");
