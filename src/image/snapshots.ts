@@ -117,9 +117,11 @@ export async function createSnapshot(
   if (img.snapshots.some((s) => s.id === sn.id)) {
     throw new SnapshotError("invalid-argument", `A snapshot with id '${sn.id}' exists already`, 17);
   }
-  encodeTable(img, [...img.snapshots, sn]); // refuses a table grown too large before anything is written
+  const tableBytes = encodeTable(img, [...img.snapshots, sn]).length; // refused if too large
   return w.exclusive(async (m) => {
     const cs = img.clusterSize;
+    checkAllocatable(m, sn.l1Size * 8, cs);
+    checkAllocatable(m, tableBytes, cs);
     // The snapshot's L1 table: the active one as it is (COPIED flags included, as QEMU copies it).
     if (sn.l1Size > 0) {
       sn.l1TableOffset = await allocate(m, clustersFor(sn.l1Size * 8, cs), cs);
@@ -166,6 +168,7 @@ export async function applySnapshot(img: Qcow2Image, ref: SnapshotRef): Promise<
     const coverage = cs * img.l2Entries;
     const l1Size = Math.max(img.l1.length, sn.l1Size, Math.ceil(size / coverage));
     if (l1Size * 8 > MAX_L1_BYTES) throw new SnapshotError("unsupported", `L1 table too large: ${l1Size} entries`, 27);
+    checkAllocatable(m, l1Size * 8, cs);
     const l1 = new Float64Array(l1Size);
     l1.set(snL1);
     // The snapshot's tables and clusters gain the active layer's reference (so none can be
@@ -204,6 +207,7 @@ export async function deleteSnapshot(img: Qcow2Image, ref: SnapshotRef): Promise
   const table = encodeTable(img, rest);
   return w.exclusive(async (m) => {
     const cs = img.clusterSize;
+    checkAllocatable(m, table.length, cs);
     const snL1 = await readSnapshotL1(img, sn);
     await switchSnapshotTable(img, w, m, rest, table);
     img.snapshots.splice(index, 1);
@@ -245,8 +249,12 @@ function encodeTable(img: Qcow2Image, snapshots: Snapshot[]): Uint8Array {
   return table;
 }
 
-/** `n` contiguous new clusters (refcount 1 each, not yet durable). */
-async function allocate(m: MetadataAccess, n: number, cs: number): Promise<number> {
+/**
+ * Refuses, before anything changes, a table of `bytes` that `allocate` could not place (the
+ * allocator hands out at most one refcount block's worth of contiguous clusters).
+ */
+function checkAllocatable(m: MetadataAccess, bytes: number, cs: number): void {
+  const n = clustersFor(bytes, cs);
   if (n > m.refcounts.maxRun) {
     throw new SnapshotError(
       "unsupported",
@@ -255,6 +263,11 @@ async function allocate(m: MetadataAccess, n: number, cs: number): Promise<numbe
       27,
     );
   }
+}
+
+/** `n` contiguous new clusters (refcount 1 each, not yet durable). */
+async function allocate(m: MetadataAccess, n: number, cs: number): Promise<number> {
+  checkAllocatable(m, n * cs, cs);
   return m.refcounts.allocate(n, m.tableMoved);
 }
 

@@ -224,6 +224,24 @@ describe("snapshot create", () => {
   });
 });
 
+test("a table longer than one allocation can place is refused before anything changes", async () => {
+  // 512-byte clusters, 64-bit refcounts: 63 contiguous clusters at most; this L1 table needs 65.
+  const built = buildImage({
+    size: 130 * 1024 * 1024,
+    clusterBits: 9,
+    refcountOrder: 6,
+    clusters: [{ guestCluster: 5, kind: "data", data: noise(CS, 5) }],
+  });
+  const { s, img } = await openRw(built.bytes);
+  await assert.rejects(createSnapshot(img, "x"), (e: unknown) => {
+    assert.ok(e instanceof SnapshotError && e.errno === 27, String(e));
+    assert.match(e.message, /65 clusters/);
+    return true;
+  });
+  await img.close();
+  assert.deepEqual(s.bytes(), built.bytes, "nothing written");
+});
+
 describe("snapshot apply and delete", () => {
   for (const [name, over] of [
     ["v3, 512-byte clusters", {}],
