@@ -117,14 +117,12 @@ export async function createSnapshot(
   if (img.snapshots.some((s) => s.id === sn.id)) {
     throw new SnapshotError("invalid-argument", `A snapshot with id '${sn.id}' exists already`, 17);
   }
-  const tableBytes = encodeTable(img, [...img.snapshots, sn]).length; // refused if too large
+  encodeTable(img, [...img.snapshots, sn]); // refuses a table grown too large before anything is written
   return w.exclusive(async (m) => {
     const cs = img.clusterSize;
-    checkAllocatable(m, sn.l1Size * 8, cs);
-    checkAllocatable(m, tableBytes, cs);
     // The snapshot's L1 table: the active one as it is (COPIED flags included, as QEMU copies it).
     if (sn.l1Size > 0) {
-      sn.l1TableOffset = await allocate(m, clustersFor(sn.l1Size * 8, cs), cs);
+      sn.l1TableOffset = await allocate(m, clustersFor(sn.l1Size * 8, cs));
       await img.storage.write(encodeL1(img.l1, img.l1Copied), sn.l1TableOffset);
     }
     // One more reference to everything the active layer reaches; its COPIED flags all clear.
@@ -168,13 +166,12 @@ export async function applySnapshot(img: Qcow2Image, ref: SnapshotRef): Promise<
     const coverage = cs * img.l2Entries;
     const l1Size = Math.max(img.l1.length, sn.l1Size, Math.ceil(size / coverage));
     if (l1Size * 8 > MAX_L1_BYTES) throw new SnapshotError("unsupported", `L1 table too large: ${l1Size} entries`, 27);
-    checkAllocatable(m, l1Size * 8, cs);
     const l1 = new Float64Array(l1Size);
     l1.set(snL1);
     // The snapshot's tables and clusters gain the active layer's reference (so none can be
     // written in place any more: every COPIED flag comes out clear).
     const copied = await updateReferences(img, m, l1, 1);
-    const l1Offset = l1Size > 0 ? await allocate(m, clustersFor(l1Size * 8, cs), cs) : 0;
+    const l1Offset = l1Size > 0 ? await allocate(m, clustersFor(l1Size * 8, cs)) : 0;
     if (l1Size > 0) await img.storage.write(encodeL1(l1, copied), l1Offset);
     await m.writeBack();
     const old = { l1: img.l1, offset: h.l1TableOffset, size: h.l1Size };
@@ -207,7 +204,6 @@ export async function deleteSnapshot(img: Qcow2Image, ref: SnapshotRef): Promise
   const table = encodeTable(img, rest);
   return w.exclusive(async (m) => {
     const cs = img.clusterSize;
-    checkAllocatable(m, table.length, cs);
     const snL1 = await readSnapshotL1(img, sn);
     await switchSnapshotTable(img, w, m, rest, table);
     img.snapshots.splice(index, 1);
@@ -249,26 +245,9 @@ function encodeTable(img: Qcow2Image, snapshots: Snapshot[]): Uint8Array {
   return table;
 }
 
-/**
- * Refuses, before anything changes, a table of `bytes` that `allocate` could not place (the
- * allocator hands out at most one refcount block's worth of contiguous clusters).
- */
-function checkAllocatable(m: MetadataAccess, bytes: number, cs: number): void {
-  const n = clustersFor(bytes, cs);
-  if (n > m.refcounts.maxRun) {
-    throw new SnapshotError(
-      "unsupported",
-      `A table of ${n} clusters cannot be allocated in one piece with ${cs}-byte clusters and ` +
-        `${2 ** m.refcounts.order}-bit refcounts (at most ${m.refcounts.maxRun})`,
-      27,
-    );
-  }
-}
-
 /** `n` contiguous new clusters (refcount 1 each, not yet durable). */
-async function allocate(m: MetadataAccess, n: number, cs: number): Promise<number> {
-  checkAllocatable(m, n * cs, cs);
-  return m.refcounts.allocate(n, m.tableMoved);
+async function allocate(m: MetadataAccess, n: number): Promise<number> {
+  return m.refcounts.allocateLong(n, m.tableMoved);
 }
 
 /** One reference less for every cluster [offset, offset+bytes) touches (a freed table). */
@@ -426,7 +405,7 @@ async function switchSnapshotTable(
   const old = { offset: h.snapshotsOffset, bytes: h.nbSnapshots > 0 ? snapshotTableSize(img.snapshots) : 0 };
   let offset = 0;
   if (snapshots.length > 0) {
-    offset = await allocate(m, clustersFor(Math.max(table.length, 1), cs), cs);
+    offset = await allocate(m, clustersFor(Math.max(table.length, 1), cs));
     await img.storage.write(table, offset);
   }
   await m.writeBack();

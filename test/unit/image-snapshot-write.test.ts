@@ -59,9 +59,10 @@ async function openRw(bytes: Uint8Array, l2CacheBytes?: number): Promise<{ s: Me
   return { s, img };
 }
 
-async function readView(bytes: Uint8Array, snapshot?: string): Promise<Uint8Array> {
+/** The guest contents of the active layer or a snapshot (the first `length` bytes only, if given). */
+async function readView(bytes: Uint8Array, snapshot?: string, length?: number): Promise<Uint8Array> {
   const img = await Qcow2Image.open(new MemoryStorage(bytes), { codecs: nodeCodecs, snapshot });
-  const out = new Uint8Array(img.size);
+  const out = new Uint8Array(Math.min(img.size, length ?? img.size));
   await img.read(out, 0);
   return out;
 }
@@ -224,22 +225,54 @@ describe("snapshot create", () => {
   });
 });
 
-test("a table longer than one allocation can place is refused before anything changes", async () => {
-  // 512-byte clusters, 64-bit refcounts: 63 contiguous clusters at most; this L1 table needs 65.
+test("an L1 table longer than one refcount block counts: placed behind refcount blocks of its own", async () => {
+  // 512-byte clusters, 64-bit refcounts: a refcount block counts 64 clusters; this L1 table has 65.
   const built = buildImage({
     size: 130 * 1024 * 1024,
     clusterBits: 9,
     refcountOrder: 6,
     clusters: [{ guestCluster: 5, kind: "data", data: noise(CS, 5) }],
   });
-  const { s, img } = await openRw(built.bytes);
-  await assert.rejects(createSnapshot(img, "x"), (e: unknown) => {
-    assert.ok(e instanceof SnapshotError && e.errno === 27, String(e));
-    assert.match(e.message, /65 clusters/);
-    return true;
-  });
+  const before = await readView(built.bytes);
+  let { s, img } = await openRw(built.bytes);
+  assert.equal(img.header.l1Size * 8, 65 * CS);
+  const sn = await createSnapshot(img, "x");
+  await img.write(noise(CS, 6), 5 * CS);
   await img.close();
-  assert.deepEqual(s.bytes(), built.bytes, "nothing written");
+  assert.ok(sn.l1TableOffset > built.bytes.length, "the table went past the end, behind its refcount blocks");
+  await assertExact(s.bytes(), "after create");
+  await qemuCheckClean(s.bytes(), "after create");
+  assert.deepEqual(await readView(s.bytes(), "x"), before);
+  ({ s, img } = await openRw(s.bytes()));
+  await applySnapshot(img, "x"); // a new active L1 table of 65 clusters too
+  await deleteSnapshot(img, { name: "x" });
+  await img.close();
+  await assertExact(s.bytes(), "after apply and delete");
+  await qemuCheckClean(s.bytes(), "after apply and delete");
+  assert.deepEqual(await readView(s.bytes()), before);
+});
+
+test("an L1 table longer than one refcount block counts, with the refcount table full: it grows first", async () => {
+  const built = buildImage({ size: 130 * 1024 * 1024, clusterBits: 9, refcountOrder: 6 });
+  const { s, img } = await openRw(built.bytes);
+  const rc = img.writer?.refcounts as Refcounts;
+  // Fill the file up to a little before the end of what the refcount table can cover.
+  const coveredEnd = () => ((rc.tableClusters * CS) / 8) * rc.blockEntries * CS;
+  let at = 0;
+  while ((await s.size()) < coveredEnd() - 70 * CS) {
+    await img.write(noise(32 * CS, at), at);
+    at += 32 * CS;
+  }
+  await img.flush();
+  const before = new Uint8Array(at);
+  await img.read(before, 0);
+  const tableBefore = rc.tableOffset;
+  await createSnapshot(img, "x");
+  assert.notEqual(rc.tableOffset, tableBefore, "the refcount table moved to make room");
+  await img.close();
+  await assertExact(s.bytes(), "after create");
+  await qemuCheckClean(s.bytes(), "after create");
+  assert.deepEqual(await readView(s.bytes(), "x", at), before);
 });
 
 describe("snapshot apply and delete", () => {
@@ -382,12 +415,24 @@ describe("snapshot apply and delete", () => {
 
 describe("snapshot operations cut short by a crash", () => {
   type Op = "create" | "apply" | "delete";
-  for (const op of ["create", "apply", "delete"] as Op[]) {
-    test(`${op}: every crash leaves the old or the new state, never a refcount too low`, async () => {
+  const cases: [Op, string, Partial<ImageSpec>][] = [
+    ["create", "", {}],
+    ["apply", "", {}],
+    ["delete", "", {}],
+    // 512-byte clusters, 64-bit refcounts, a 130 MiB disk: L1 tables of 65 clusters, more than
+    // one refcount block counts, so new ones go behind refcount blocks of their own.
+    ["create", ", L1 tables longer than a refcount block covers", { size: 130 * 1024 * 1024, refcountOrder: 6 }],
+    ["apply", ", L1 tables longer than a refcount block covers", { size: 130 * 1024 * 1024, refcountOrder: 6 }],
+  ];
+  for (const [op, label, over] of cases) {
+    test(`${op}${label}: every crash leaves the old or the new state, never a refcount too low`, async () => {
       const r = new Prng(BASE_SEED + op.length);
+      // Where all data lies (the views compared).
+      const dataEnd = 96 * CS;
       // Snapshot "old" shares nothing with the active layer; "gone" is deleted.
       const built = buildImage(
         spec({
+          ...over,
           snapshots: [
             {
               id: "1",
@@ -409,8 +454,8 @@ describe("snapshot operations cut short by a crash", () => {
       const start = prep.s.bytes();
       await assertExact(start, "the image before the operation");
       const views = {
-        active: await readView(start),
-        old: built.expectedSnapshot(0),
+        active: await readView(start, undefined, dataEnd),
+        old: await readView(start, "old", dataEnd),
       };
       const mem = new MemoryStorage(start, { name: "c.qcow2" });
       const storage = new CrashStorage(mem);
@@ -457,13 +502,15 @@ describe("snapshot operations cut short by a crash", () => {
             JSON.stringify(names) === JSON.stringify(oldNames) || JSON.stringify(names) === JSON.stringify(newNames),
             `${what}: snapshot list ${names}`,
           );
-          const active = await readView(bytes);
+          const active = await readView(bytes, undefined, dataEnd);
           assert.ok(
             Buffer.from(active).equals(Buffer.from(views.active)) || Buffer.from(active).equals(Buffer.from(newActive)),
             `${what}: the active layer is neither the old nor the new one`,
           );
-          assert.deepEqual(await readView(bytes, "old"), views.old, `${what}: snapshot "old"`);
-          if (names.includes("new")) assert.deepEqual(await readView(bytes, "new"), views.active, `${what}: "new"`);
+          assert.deepEqual(await readView(bytes, "old", dataEnd), views.old, `${what}: snapshot "old"`);
+          if (names.includes("new")) {
+            assert.deepEqual(await readView(bytes, "new", dataEnd), views.active, `${what}: "new"`);
+          }
           crashes++;
         }
       }
