@@ -272,10 +272,10 @@ function encodeL1(l1: Float64Array, copied: Uint8Array): Uint8Array {
 
 async function readSnapshotL1(img: Qcow2Image, sn: Snapshot): Promise<Float64Array> {
   const cs = img.clusterSize;
-  const where = `snapshot '${sn.name}' (id ${sn.id})`;
-  if (sn.l1Size * 8 > MAX_L1_BYTES) throw new QcowError("corrupt", `L1 table of ${where} too large: ${sn.l1Size}`);
+  // Refused as QEMU's qcow2_validate_table refuses them: an error, not a corrupt image.
+  if (sn.l1Size * 8 > MAX_L1_BYTES) throw new SnapshotError("invalid-argument", "Snapshot L1 table too large", 27);
   if (sn.l1Size > 0 && sn.l1TableOffset % cs !== 0) {
-    throw new QcowError("corrupt", `L1 table of ${where} at ${hex(sn.l1TableOffset)} is not aligned`);
+    throw new SnapshotError("invalid-argument", `Snapshot L1 table offset ${hex(sn.l1TableOffset)} invalid`, 22);
   }
   const buf = new Uint8Array(sn.l1Size * 8);
   if (buf.length > 0) await readFull(img.storage, buf, sn.l1TableOffset);

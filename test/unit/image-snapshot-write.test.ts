@@ -413,6 +413,23 @@ describe("snapshot apply and delete", () => {
   });
 });
 
+test("a snapshot whose L1 table offset is invalid: apply and delete refused, the image not marked corrupt", async () => {
+  const built = buildImage(spec({ clusterBits: 16, snapshots: [{ id: "1", name: "s", shareActive: true }] }));
+  const bytes = built.bytes.slice();
+  const dv = new DataView(bytes.buffer);
+  dv.setUint32(built.snapshotsOffset + 4, dv.getUint32(built.snapshotsOffset + 4) + 512);
+  const { s, img } = await openRw(bytes);
+  for (const op of [() => applySnapshot(img, "s"), () => deleteSnapshot(img, { name: "s" })]) {
+    await assert.rejects(op(), (e: unknown) => {
+      assert.ok(e instanceof SnapshotError && e.code === "invalid-argument", String(e));
+      assert.match(e.message, /Snapshot L1 table offset 0x[0-9a-f]+ invalid/);
+      return true;
+    });
+  }
+  await img.close();
+  assert.deepEqual(s.bytes(), bytes, "nothing written");
+});
+
 describe("snapshot operations cut short by a crash", () => {
   type Op = "create" | "apply" | "delete";
   const cases: [Op, string, Partial<ImageSpec>][] = [
