@@ -163,8 +163,9 @@ export class Refcounts {
    * Allocates `n` contiguous clusters for a table longer than `maxRun` (an L1 table or snapshot
    * table with small clusters and wide refcounts). Added for internal snapshots (snapshots.ts).
    * The run goes past the end of everything, on a refcount block boundary, behind the new refcount
-   * blocks that cover it and themselves (as growTable lays out its area); the blocks are durable
-   * before the table entries that point at them. Returns the host offset.
+   * blocks that cover it and themselves (as growTable lays out its area, and with its assumption:
+   * every cluster allocated so far is already in the file); the blocks are durable before the
+   * table entries that point at them. Returns the host offset.
    */
   async allocateLong(n: number, onTableMoved: TableMoved): Promise<number> {
     if (n <= this.maxRun) return this.allocate(n, onTableMoved);
