@@ -11,10 +11,12 @@
  * the refcount increments they need are durable before the header write that makes them live;
  * the decrements of what the old state referenced come after it. The header fields that switch
  * (nb_snapshots and snapshots_offset; l1_table_offset, l1_size and size) lie in its first
- * sector, so the switch is one atomic write. A crash leaks clusters at worst. Unlike QEMU,
- * applying a snapshot builds the new active L1 table in new clusters instead of overwriting the
- * old one in place, so no crash can leave an active L1 entry with COPIED set on a table the
- * snapshot still shares.
+ * sector, so the switch is one atomic write. A crash leaks clusters at worst; as with QEMU, a
+ * crash between a refcount change and the COPIED flags that follow it can leave flags that
+ * `qemu-img check` reports (and `-r all` corrects), but never COPIED on a cluster that is really
+ * shared. Unlike QEMU, applying a snapshot builds the new active L1 table in new clusters instead
+ * of overwriting the old one in place, so no crash can leave an active L1 entry with COPIED set
+ * on a table the snapshot still shares.
  *
  * Memory stays bounded: L1 tables are held whole (QEMU caps them at 32 MiB), L2 tables go through
  * the image's cache and dirty ones are written back whenever the cache fills.
