@@ -22,6 +22,16 @@ export {
 } from "./image/open.js";
 export { Qcow2Image, type Qcow2OpenOptions } from "./image/qcow2.js";
 export { RawImage } from "./image/raw.js";
+export {
+  applySnapshot,
+  type CreateSnapshotOptions,
+  createSnapshot,
+  deleteSnapshot,
+  lookupSnapshot,
+  nextSnapshotId,
+  SnapshotError,
+  type SnapshotRef,
+} from "./image/snapshots.js";
 export { MemoryStorage } from "./io/memory.js";
 export type { Storage } from "./io/storage.js";
 export { backingChain, type CommitOptions, commit, findBackingImage } from "./ops/commit.js";

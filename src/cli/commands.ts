@@ -17,6 +17,7 @@ import { commitCommand } from "./cmd-commit.js";
 import { measureCommand } from "./cmd-measure.js";
 import { rebaseCommand } from "./cmd-rebase.js";
 import { serve } from "./cmd-serve.js";
+import { snapshotCommand } from "./cmd-snapshot.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
@@ -369,6 +370,7 @@ export const commands: Command[] = [
   measureCommand,
   commitCommand,
   rebaseCommand,
+  snapshotCommand,
   serve,
 ];
 

@@ -1,5 +1,6 @@
 /** qemu-img's human-readable formats: sizes, info blocks, snapshot tables, map listings. */
 import { QcowError } from "../errors.js";
+import { textEncoder } from "../format/bytes.js";
 import type { Extent } from "../image/block-device.js";
 import type { ImageInfo, SnapshotInfo } from "../ops/info.js";
 import { dumpHuman, type QObject } from "./qobject.js";
@@ -29,6 +30,11 @@ export function sizeToStr(val: number): string {
   return `${formatG3(val / 2 ** (i * 10))} ${suffixes[i]}B`;
 }
 
+/** printf's "%-Ns": pads to N bytes of UTF-8, not N characters. */
+function padBytes(s: string, width: number): string {
+  return s + " ".repeat(Math.max(0, width - textEncoder.encode(s).length));
+}
+
 function pad2(n: number): string {
   return String(n).padStart(2, "0");
 }
@@ -44,7 +50,7 @@ export function snapshotRow(sn?: SnapshotInfo): string {
   const secs = Math.floor(nsec / 1e9);
   const clock = `${pad2(Math.floor(secs / 3600))}:${pad2(Math.floor(secs / 60) % 60)}:${pad2(secs % 60)}.${String(Math.floor(nsec / 1e6) % 1000).padStart(3, "0")}`;
   const icount = sn.icount === undefined ? "" : String(sn.icount);
-  return `${sn.id.padEnd(9)} ${sn.name.padEnd(16)} ${sizeToStr(sn["vm-state-size"]).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
+  return `${padBytes(sn.id, 9)} ${padBytes(sn.name, 16)} ${sizeToStr(sn["vm-state-size"]).padStart(8)}${date.padStart(20)}${clock.padStart(13)}${icount.padStart(11)}`;
 }
 
 /** bdrv_image_info_dump. */

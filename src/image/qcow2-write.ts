@@ -36,7 +36,7 @@ import { readFull } from "../io/storage.js";
 import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks, Turns } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
-import { Refcounts } from "./refcount.js";
+import { Refcounts, type TableMoved } from "./refcount.js";
 import { rebuildRefcounts } from "./repair.js";
 
 /** Decrements makeEmpty holds back at most before applying them (bounds its memory). */
@@ -44,6 +44,17 @@ const MAX_PENDING_RELEASES = 1 << 20;
 
 /** Most guest clusters one allocating request handles at once (bounds its buffer). */
 const MAX_ALLOC_GROUP = 256;
+
+/** What `Qcow2Writer.exclusive` hands to a whole-image metadata operation. */
+export interface MetadataAccess {
+  refcounts: Refcounts;
+  /** Writes the header durably when the refcount table moves. */
+  tableMoved: TableMoved;
+  /** Writes dirty metadata back in crash-safe order (refcounts, L2 tables, L1 entries). */
+  writeBack(): Promise<void>;
+  /** The active L1 entry `index` changed in memory (img.l1 / img.l1Copied): write it back. */
+  markL1Dirty(index: number): void;
+}
 
 export class Qcow2Writer {
   private readonly meta = new Mutex();
@@ -829,6 +840,44 @@ export class Qcow2Writer {
     img.l1Copied = copied;
     await this.writeHeader();
     for (let i = 0; i < old.clusters && old.offset !== 0; i++) this.refcounts.release(old.offset / cs + i);
+  }
+
+  // ---- whole-image metadata operations ---------------------------------------------------
+
+  /**
+   * @internal For operations that rewrite the image's tables as a whole (internal snapshots,
+   * src/image/snapshots.ts). Runs `fn` with every guest cluster locked and the metadata lock
+   * held, after dirty metadata was written back, so no request changes a mapping or a refcount
+   * meanwhile. Guest requests must not be in flight (QEMU drains the device first): requests
+   * already reading or overwriting host clusters make it refuse. A corruption `fn` finds marks
+   * the image corrupt, as for writes.
+   */
+  async exclusive<T>(fn: (access: MetadataAccess) => Promise<T>): Promise<T> {
+    this.checkOpen();
+    try {
+      return await this.locks.run(0, Number.MAX_SAFE_INTEGER, () =>
+        this.meta.run(async () => {
+          if (this.inflight > 0) {
+            throw new QcowError("invalid-argument", `${this.img.filename} has requests in flight`);
+          }
+          await this.flushMetadata();
+          try {
+            return await fn({
+              refcounts: this.refcounts,
+              tableMoved: this.tableMoved,
+              writeBack: () => this.flushMetadata(),
+              markL1Dirty: (index) => this.l1Dirty.add(index),
+            });
+          } finally {
+            // Clusters may have been freed and handed out again: pack no more compressed data there.
+            this.compressedEnd = 0;
+          }
+        }),
+      );
+    } catch (e) {
+      if (e instanceof QcowError && e.code === "corrupt") await this.markCorrupt(e.message);
+      throw e;
+    }
   }
 
   // ---- write-back ------------------------------------------------------------------------

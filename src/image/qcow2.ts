@@ -103,9 +103,12 @@ export class Qcow2Image implements BlockDevice {
   readonly geometry: L2Geometry;
   /** @internal */
   readonly l2EntryBytes: number;
-  /** @internal L2 table offsets by L1 index (0: none); replaced when the L1 table grows. */
+  /**
+   * @internal L2 table offsets by L1 index (0: none). Not readonly: the table is replaced when
+   * it grows (resize, commit) or when an internal snapshot is applied (its size may differ).
+   */
   l1: Float64Array;
-  /** @internal The COPIED flag of each L1 entry. */
+  /** @internal The COPIED flag of each L1 entry (replaced with `l1`). */
   l1Copied: Uint8Array;
   /** @internal */
   readonly l2Cache: TableCache<DataView>;

@@ -2,6 +2,7 @@
 import { BME_FLAG_AUTO, BME_FLAG_IN_USE } from "../format/bitmap.js";
 import { AUTOCLEAR_DATA_FILE_RAW, COMPRESSION_ZSTD, CRYPT_LUKS } from "../format/header.js";
 import { decodeLuksHeader, describeLuks, LUKS_HEADER_BYTES } from "../format/luks.js";
+import type { Snapshot } from "../format/snapshot.js";
 import type { Image } from "../image/open.js";
 import type { Qcow2Image } from "../image/qcow2.js";
 import { readFull } from "../io/storage.js";
@@ -56,6 +57,21 @@ export interface ImageInfo {
   [key: string]: unknown;
 }
 
+/** A snapshot table entry as QAPI's SnapshotInfo (what `info` and `snapshot -l` show). */
+export function snapshotInfo(s: Snapshot): SnapshotInfo {
+  const si: SnapshotInfo = {
+    id: s.id,
+    name: s.name,
+    "vm-state-size": s.vmStateSize,
+    "date-sec": s.dateSec,
+    "date-nsec": s.dateNsec,
+    "vm-clock-sec": Math.floor(s.vmClockNsec / 1e9),
+    "vm-clock-nsec": s.vmClockNsec % 1e9,
+  };
+  if (s.icount !== undefined && s.icount !== -1n) si.icount = Number(s.icount);
+  return si;
+}
+
 export async function imageInfo(img: Image): Promise<ImageInfo> {
   const info: ImageInfo = {
     filename: img.filename,
@@ -74,19 +90,7 @@ export async function imageInfo(img: Image): Promise<ImageInfo> {
     if (img.extensions.backingFormat !== undefined) info["backing-filename-format"] = img.extensions.backingFormat;
   }
   if (img.snapshots.length > 0) {
-    info.snapshots = img.snapshots.map((s) => {
-      const si: SnapshotInfo = {
-        id: s.id,
-        name: s.name,
-        "vm-state-size": s.vmStateSize,
-        "date-sec": s.dateSec,
-        "date-nsec": s.dateNsec,
-        "vm-clock-sec": Math.floor(s.vmClockNsec / 1e9),
-        "vm-clock-nsec": s.vmClockNsec % 1e9,
-      };
-      if (s.icount !== undefined && s.icount !== -1n) si.icount = Number(s.icount);
-      return si;
-    });
+    info.snapshots = img.snapshots.map(snapshotInfo);
   }
   const compression = h.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib";
   const data: Qcow2SpecificInfo =
