@@ -14,5 +14,6 @@ export {
 } from "./image/open.js";
 export { Qcow2Image, type Qcow2OpenOptions } from "./image/qcow2.js";
 export { RawImage } from "./image/raw.js";
+export { type ResizeOptions, type ResizePreallocation, resizeImage } from "./image/resize.js";
 export { MemoryStorage } from "./io/memory.js";
 export type { Storage } from "./io/storage.js";

@@ -39,6 +39,7 @@ import { TableCache } from "./cache.js";
 import { Qcow2Writer } from "./qcow2-write.js";
 import type { RawImage } from "./raw.js";
 import { Refcounts } from "./refcount.js";
+import type { ResizeOptions } from "./resize.js";
 
 /** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -102,10 +103,10 @@ export class Qcow2Image implements BlockDevice {
   readonly geometry: L2Geometry;
   /** @internal */
   readonly l2EntryBytes: number;
-  /** @internal L2 table offsets by L1 index (0: none). */
-  readonly l1: Float64Array;
-  /** @internal The COPIED flag of each L1 entry. */
-  readonly l1Copied: Uint8Array;
+  /** @internal L2 table offsets by L1 index (0: none). Replaced when resize grows the L1 table. */
+  l1: Float64Array;
+  /** @internal The COPIED flag of each L1 entry (replaced with `l1`). */
+  l1Copied: Uint8Array;
   /** @internal */
   readonly l2Cache: TableCache<DataView>;
   /** @internal Set when the image is open for writing. */
@@ -555,6 +556,14 @@ export class Qcow2Image implements BlockDevice {
   async discard(offset: number, length: number): Promise<void> {
     this.checkRange(offset, length);
     await this.guarded((w) => w.discard(offset, length));
+  }
+
+  /**
+   * Changes the virtual size as `qemu-img resize` does (see resize.ts): growing may move the
+   * L1 table; shrinking needs `shrink: true`. No other request may be in flight meanwhile.
+   */
+  async resize(size: number, opts: ResizeOptions = {}): Promise<void> {
+    await this.guarded((w) => w.resize(size, opts));
   }
 
   /** Stores one whole guest cluster compressed (`data` is what the codec produced). */
