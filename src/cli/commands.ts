@@ -12,6 +12,7 @@ import { convert } from "../ops/convert.js";
 import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
+import { resize } from "./cmd-resize.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
@@ -27,6 +28,11 @@ export interface Command {
   synopsis: string;
   help: string;
   options: Options;
+  /**
+   * Takes operands off the arguments before options are parsed (qemu-img resize takes SIZE
+   * first, so that "-1G" is a size); they are appended to the positionals.
+   */
+  takeOperands?(args: string[]): string[];
   run(values: Values, positionals: string[]): Promise<number>;
 }
 
@@ -354,7 +360,7 @@ const create: Command = {
   },
 };
 
-export const commands: Command[] = [create, info, map, convertCmd, compare];
+export const commands: Command[] = [create, info, map, convertCmd, compare, resize];
 
 export function usage(): string {
   return [
