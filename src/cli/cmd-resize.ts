@@ -15,12 +15,12 @@ const SIZE_HINT =
   "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.";
 
 /**
- * A size as qemu-img resize reads it (QEMU's qemu_strtosz for a QEMU_OPT_SIZE option): decimal,
- * or 0x-hex without fraction or suffix; a fraction needs a suffix; suffixes B K M G T P E
- * (powers of 1024, either case); leading white space and one '+' allowed. The result is
- * unsigned 64-bit.
+ * A size as qemu-img resize reads it (QEMU 7.2's qemu_strtosz for a QEMU_OPT_SIZE option):
+ * decimal, or 0x-hex without fraction (a suffix on hex is deprecated: `warn` is told); a
+ * fraction needs a suffix; suffixes B K M G T P E (powers of 1024, either case); leading white
+ * space and one '+' allowed. The result is unsigned 64-bit.
  */
-export function parseQemuSize(text: string): bigint {
+export function parseQemuSize(text: string, warn: (message: string) => void = () => {}): bigint {
   const invalid = (): Error =>
     invalidArgument(`Parameter 'size' expects a non-negative number below 2^64\n${SIZE_HINT}`);
   const outOfRange = (): Error => invalidArgument(`Value '${text}' is out of range for parameter 'size'`);
@@ -33,13 +33,15 @@ export function parseQemuSize(text: string): bigint {
   if (value >= max) throw outOfRange();
   rest = rest.slice(digits[0].length);
   let fraction = "";
-  if (value === 0n && /^[xX]/.test(rest)) {
-    const hex = /^[xX]([0-9a-fA-F]+)/.exec(rest);
-    if (!hex) throw invalid();
-    value = BigInt(`0x${hex[1]}`);
+  let hex = false;
+  if (digits[0] === "0" && /^[xX]/.test(rest)) {
+    const hexDigits = /^[xX]([0-9a-fA-F]+)/.exec(rest);
+    if (!hexDigits) throw invalid();
+    value = BigInt(`0x${hexDigits[1]}`);
     if (value >= max) throw outOfRange();
-    rest = rest.slice(hex[0].length);
-    if (rest.startsWith(".") || suffixPower(rest[0]) >= 0) throw invalid();
+    rest = rest.slice(hexDigits[0].length);
+    if (rest.startsWith(".")) throw invalid();
+    hex = true;
   } else if (rest.startsWith(".")) {
     const f = /^\.(\d*)/.exec(rest) as RegExpExecArray;
     if (/^[eE][+-]?\d/.test(rest.slice(f[0].length)) && f[1] !== "") throw invalid();
@@ -47,7 +49,10 @@ export function parseQemuSize(text: string): bigint {
     rest = rest.slice(f[0].length);
   }
   const power = suffixPower(rest[0]);
-  if (power >= 0) rest = rest.slice(1);
+  if (power >= 0) {
+    if (hex) warn(`Using a multiplier suffix on hex numbers is deprecated: ${text}`);
+    rest = rest.slice(1);
+  }
   if (rest !== "") throw invalid();
   const mul = 1024n ** BigInt(Math.max(power, 0));
   // QEMU keeps the fraction as a 64-bit binary fixed-point number taken from a double.
@@ -95,7 +100,12 @@ export const resize: Command = {
       throw new ExitError("Expecting image file name and size\nTry 'qcowkit --help' for more information");
     const [file, sizeArg] = p;
     const relative = sizeArg.startsWith("+") ? 1n : sizeArg.startsWith("-") ? -1n : 0n;
-    const n = BigInt.asIntN(64, parseQemuSize(relative === 0n ? sizeArg : sizeArg.slice(1)));
+    const n = BigInt.asIntN(
+      64,
+      parseQemuSize(relative === 0n ? sizeArg : sizeArg.slice(1), (w) =>
+        process.stderr.write(`qcowkit: warning: ${w}\n`),
+      ),
+    );
     const format = formatOption(v.f as string | undefined);
     const img: Image = await openImageFile(file, { format, readOnly: false });
     try {
