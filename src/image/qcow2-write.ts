@@ -650,7 +650,8 @@ export class Qcow2Writer {
    */
   async resize(size: number, opts: ResizeOptions): Promise<void> {
     this.checkOpen();
-    if (this.bitmaps) throw unsupported("Resizing an image with persistent dirty bitmaps is not supported yet");
+    // Bitmaps are resized too: what writes noted so far goes to disk first.
+    await this.storeBitmaps();
     await resizeQcow2(this.img, size, opts, {
       refcounts: this.refcounts,
       tableMoved: this.tableMoved,
@@ -664,7 +665,17 @@ export class Qcow2Writer {
       l1Changed: (index) => this.l1Dirty.add(index),
       preallocate: (from, to, fill) => this.preallocate(fill, from, to),
       writeZeroes: (offset, length) => this.writeZeroes(offset, length, false),
+      bitmaps: this.bitmaps !== undefined,
     });
+    if (this.bitmaps && this.img.extensions.bitmaps) {
+      this.bitmaps = new BitmapTracker(
+        this.img.storage,
+        this.img.bitmaps,
+        this.img.extensions.bitmaps.directoryOffset,
+        this.cs,
+        this.img.size,
+      );
+    }
   }
 
   // ---- write-back ------------------------------------------------------------------------
@@ -741,14 +752,18 @@ export class Qcow2Writer {
       return;
     }
     await this.flush();
-    if (this.bitmaps) {
-      await this.bitmaps.store(
-        () => this.meta.run(() => this.refcounts.allocate(1, this.tableMoved)),
-        () => this.meta.run(() => this.flushMetadata()),
-      );
-      await this.flush();
-    }
+    await this.storeBitmaps();
     this.closed = true;
+  }
+
+  /** Sets the bits of the ranges written in the tracked bitmaps and clears their in_use flag. */
+  private async storeBitmaps(): Promise<void> {
+    if (!this.bitmaps) return;
+    await this.bitmaps.store(
+      () => this.meta.run(() => this.refcounts.allocate(1, this.tableMoved)),
+      () => this.meta.run(() => this.flushMetadata()),
+    );
+    await this.flush();
   }
 
   private checkOpen(): void {

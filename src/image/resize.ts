@@ -15,12 +15,16 @@
  * its last used cluster, and the new size is written to the header. Every decrement reaches the
  * disk after the entries that dropped the reference (the write path's usual ordering).
  *
+ * Persistent bitmaps (qcow2) follow the disk's size, marked in_use on disk meanwhile.
+ *
  * Raw: the file is truncated; `falloc` and `full` write zeros over the new part.
  */
 import { invalidArgument, QcowError, unsupported } from "../errors.js";
+import { BME_FLAG_IN_USE, decodeBitmapTableEntry, encodeBitmapDirectory } from "../format/bitmap.js";
 import { view } from "../format/bytes.js";
 import { AUTOCLEAR_DATA_FILE_RAW, MAX_L1_BYTES } from "../format/header.js";
 import { encodeL1Entry, type L2Entry } from "../format/tables.js";
+import { readFull } from "../io/storage.js";
 import type { Image } from "./open.js";
 import type { Qcow2Image } from "./qcow2.js";
 import type { RawImage } from "./raw.js";
@@ -53,6 +57,8 @@ export interface ResizeContext {
   l1Changed(index: number): void;
   preallocate(from: number, to: number, fill: boolean): Promise<void>;
   writeZeroes(offset: number, length: number): Promise<void>;
+  /** The image's persistent bitmaps are live (the bitmaps autoclear bit is set): resize them too. */
+  bitmaps: boolean;
 }
 
 const MODES: readonly string[] = ["off", "metadata", "falloc", "full"];
@@ -113,19 +119,37 @@ export async function resizeQcow2(
 ): Promise<void> {
   const mode = opts.preallocation ?? "off";
   const old = img.size;
-  // QEMU's checks, in its order and with its messages.
+  // QEMU's checks, in its order and with its messages; nothing is written before they pass.
   checkMode(mode);
   if (size % 512 !== 0) throw invalidArgument("The new size must be a multiple of 512");
   if (img.snapshots.length > 0 && img.header.version < 3) {
     // The snapshot table of a v2 image need not record each snapshot's size.
     throw unsupported("Can't resize a v2 image which has snapshots");
   }
+  const bitmaps = ctx.bitmaps ? img.bitmaps : [];
+  const inconsistent = bitmaps.find((b) => b.flags & BME_FLAG_IN_USE);
+  if (inconsistent) {
+    throw unsupported(
+      `Bitmap '${inconsistent.name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk`,
+    );
+  }
   checkShrink(size, old, opts, mode);
-  if (size < old) await shrink(img, size, ctx);
-  else await grow(img, size, mode as ResizePreallocation, ctx);
+  const plan = size < old ? undefined : planGrowth(img, size, mode as ResizePreallocation);
+  if (bitmaps.length > 0) await setBitmapsInUse(img);
+  if (plan) await grow(img, size, plan, ctx);
+  else await shrink(img, size, ctx);
+  if (bitmaps.length > 0) await resizeBitmaps(img, old, ctx);
 }
 
-async function grow(img: Qcow2Image, size: number, mode: ResizePreallocation, ctx: ResizeContext): Promise<void> {
+interface GrowthPlan {
+  l1Needed: number;
+  prealloc: ResizePreallocation;
+  fill: boolean;
+  /** The new area is zeroed so that a longer backing file does not show through. */
+  zero: boolean;
+}
+
+function planGrowth(img: Qcow2Image, size: number, mode: ResizePreallocation): GrowthPlan {
   const old = img.size;
   const l1Needed = Math.ceil(size / (img.clusterSize * img.l2Entries));
   if (l1Needed * 8 > MAX_L1_BYTES) throw unsupported("Failed to grow the L1 table: File too large");
@@ -141,15 +165,20 @@ async function grow(img: Qcow2Image, size: number, mode: ResizePreallocation, ct
     // No zero flag in v2: QEMU fails here (after growing the L1 table); qcowkit before.
     throw unsupported("Failed to zero out new clusters: Operation not supported");
   }
+  return { l1Needed, prealloc, fill, zero };
+}
+
+async function grow(img: Qcow2Image, size: number, plan: GrowthPlan, ctx: ResizeContext): Promise<void> {
+  const old = img.size;
   await ctx.locked(async () => {
     await ctx.flushMetadata();
-    if (l1Needed > img.l1.length) await growL1(img, l1Needed, ctx);
+    if (plan.l1Needed > img.l1.length) await growL1(img, plan.l1Needed, ctx);
   });
   img.size = size;
   try {
     if (size > old) {
-      if (prealloc !== "off") await ctx.preallocate(old, size, fill);
-      if (zero) await ctx.writeZeroes(old, size - old);
+      if (plan.prealloc !== "off") await ctx.preallocate(old, size, plan.fill);
+      if (plan.zero) await ctx.writeZeroes(old, size - old);
     }
     if (img.dataFile && (await img.dataFile.size()) !== size) await img.dataFile.truncate(size);
     await ctx.locked(() => ctx.flushMetadata());
@@ -243,4 +272,83 @@ async function shrink(img: Qcow2Image, size: number, ctx: ResizeContext): Promis
   img.header.size = size;
   await ctx.writeHeader();
   img.size = size;
+}
+
+/** Bitmap table entries a bitmap needs for a disk of `size` bytes (QEMU's rounding). */
+function bitmapTableSize(size: number, granularityBits: number, clusterSize: number): number {
+  return Math.ceil(Math.ceil(size / 2 ** granularityBits) / (clusterSize * 8));
+}
+
+/**
+ * Before the size changes, every bitmap is marked in_use on disk: a bitmap table shorter than
+ * the disk is only valid in that state (QEMU's check_dir_entry), and a crash then leaves the
+ * bitmaps inconsistent, never wrong. The directory keeps its length, so it is rewritten in place.
+ */
+async function setBitmapsInUse(img: Qcow2Image): Promise<void> {
+  for (const b of img.bitmaps) b.flags |= BME_FLAG_IN_USE;
+  await writeBitmapDirectory(img);
+}
+
+async function writeBitmapDirectory(img: Qcow2Image): Promise<void> {
+  const ext = img.extensions.bitmaps;
+  if (!ext) return;
+  await img.storage.write(encodeBitmapDirectory(img.bitmaps), ext.directoryOffset);
+  await img.storage.flush();
+}
+
+/**
+ * QEMU resizes persistent bitmaps with the disk: new bits are clean, bits past a smaller end are
+ * dropped. Tables that change length are written to new clusters (their refcounts durable first),
+ * the directory is rewritten pointing at them with in_use cleared, and only then are the old
+ * tables and the data clusters past the end freed.
+ */
+async function resizeBitmaps(img: Qcow2Image, oldSize: number, ctx: ResizeContext): Promise<void> {
+  const cs = img.clusterSize;
+  const s = img.storage;
+  const freed: number[] = [];
+  for (const b of img.bitmaps) {
+    const entries = bitmapTableSize(img.size, b.granularityBits, cs);
+    const oldTable = new Uint8Array(b.tableSize * 8);
+    await readFull(s, oldTable, b.tableOffset);
+    const dv = view(oldTable);
+    const entry = (i: number) => decodeBitmapTableEntry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), cs);
+    if (img.size < oldSize && entries > 0 && entries <= b.tableSize) {
+      // Bits past the new end in the last data cluster kept are cleared (an all-ones cluster
+      // stays all ones: spare dirty bits only cost a copy).
+      const last = entry(entries - 1);
+      const bits = Math.ceil(img.size / 2 ** b.granularityBits) - (entries - 1) * cs * 8;
+      if (last.offset !== 0 && bits < cs * 8) {
+        const data = new Uint8Array(cs);
+        await readFull(s, data, last.offset);
+        clearBitsFrom(data, bits);
+        await s.write(data, last.offset);
+      }
+    }
+    for (let i = entries; i < b.tableSize; i++) {
+      const e = entry(i);
+      if (e.offset !== 0) freed.push(e.offset / cs);
+    }
+    if (entries === b.tableSize) continue;
+    const clusters = Math.ceil((entries * 8) / cs);
+    const table = new Uint8Array(clusters * cs);
+    table.set(oldTable.subarray(0, Math.min(entries, b.tableSize) * 8));
+    const at = await ctx.locked(() => ctx.refcounts.allocateArea(clusters, ctx.tableMoved));
+    await s.write(table, at);
+    for (let c = 0; c < Math.ceil((b.tableSize * 8) / cs); c++) freed.push(b.tableOffset / cs + c);
+    b.tableOffset = at;
+    b.tableSize = entries;
+  }
+  await ctx.locked(() => ctx.flushMetadata());
+  await s.flush();
+  for (const b of img.bitmaps) b.flags &= ~BME_FLAG_IN_USE;
+  await writeBitmapDirectory(img);
+  for (const c of freed) ctx.refcounts.release(c);
+  await ctx.locked(() => ctx.flushMetadata());
+}
+
+/** Clears bits [from, end) of a bitmap data cluster (bit 0 of each byte is its first granule). */
+function clearBitsFrom(data: Uint8Array, from: number): void {
+  const byte = from >> 3;
+  if (from % 8 !== 0) data[byte] &= (1 << (from % 8)) - 1;
+  data.fill(0, Math.ceil(from / 8));
 }

@@ -8,9 +8,13 @@
  * `qemu-img info` on it. When it fails, qcowkit must have left the image as it was.
  */
 import assert from "node:assert/strict";
+import { createHash } from "node:crypto";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { describe, test } from "node:test";
+import { decodeBitmapTableEntry } from "../../src/format/bitmap.js";
+import { Qcow2Image } from "../../src/image/qcow2.js";
+import { MemoryStorage } from "../../src/io/memory.js";
 import {
   assertInfoJsonMatches,
   assertNoStackTrace,
@@ -370,19 +374,102 @@ describe("qcowkit resize against qemu-img resize", () => {
   }
 });
 
-describe("qcowkit resize: images with persistent bitmaps", () => {
+/**
+ * Every bitmap's table and data as the image holds them: for each bitmap its name, flags,
+ * granularity and table length, and a digest of the data clusters' bytes in table order (zeros
+ * for all-zero entries, 0xff for all-ones ones).
+ */
+async function bitmapContents(file: string): Promise<string[]> {
+  const bytes = new Uint8Array(await fs.readFile(file));
+  const img = await Qcow2Image.open(new MemoryStorage(bytes), { readOnly: true, metadataOnly: true });
+  const cs = img.clusterSize;
+  const out: string[] = [];
+  for (const b of img.bitmaps) {
+    const h = createHash("sha256");
+    const dv = new DataView(bytes.buffer, bytes.byteOffset + b.tableOffset, b.tableSize * 8);
+    for (let i = 0; i < b.tableSize; i++) {
+      const e = decodeBitmapTableEntry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), cs);
+      h.update(
+        e.offset !== 0 ? bytes.subarray(e.offset, e.offset + cs) : new Uint8Array(cs).fill(e.allOnes ? 0xff : 0),
+      );
+    }
+    out.push(
+      `${b.name} flags=${b.flags} granularity=${2 ** b.granularityBits} entries=${b.tableSize} ${h.digest("hex")}`,
+    );
+  }
+  await img.close();
+  return out;
+}
+
+describe("qcowkit resize: persistent bitmaps are resized with the disk, as QEMU does", () => {
   const tmp = useTempDir("resize-bitmaps");
-  // qemu-img resizes the bitmaps too; qcowkit does not yet, and must refuse without damage.
-  test("refused with a clear message; the image is left as it was", async () => {
-    const dir = await tmp.caseDir("bitmaps");
-    await qcow2(dir, "", "1M", ["write -P 0x41 0 64k"]);
+  const setup = async (dir: string, opts: string): Promise<void> => {
+    await qcow2(dir, opts, "8M");
     await qemuImgOk(["bitmap", "--add", "img.qcow2", "b0"], { cwd: dir });
-    const before = await sha256(path.join(dir, "img.qcow2"));
-    const r = await qcowkit(["resize", "img.qcow2", "2M"], { cwd: dir });
-    assertNoStackTrace(r.stderr, "qcowkit resize");
-    assert.equal(r.code, 1);
-    assert.match(r.stderr, /^qcowkit: Resizing an image with persistent dirty bitmaps is not supported yet\n$/);
-    assert.equal(await sha256(path.join(dir, "img.qcow2")), before);
+    await qemuImgOk(["bitmap", "--add", "-g", "512", "img.qcow2", "fine"], { cwd: dir });
+    await qemuImgOk(["bitmap", "--add", "--disable", "img.qcow2", "off"], { cwd: dir });
+    // Written with the bitmaps enabled: qemu-io sets their bits.
+    await qemuIoOk("img.qcow2", ["write -P 1 0 64k", "write -P 2 3M 100k", "write -P 3 7M 1M"], { cwd: dir });
+  };
+  for (const opts of ["", "cluster_size=512"]) {
+    test(`grow then shrink${opts ? ` (${opts})` : ""}: the same bitmaps, bits and flags as qemu-img's`, async () => {
+      const base = await tmp.caseDir(`bitmaps-${opts ? "512" : "64k"}`);
+      const q = path.join(base, "q");
+      const k = path.join(base, "k");
+      await fs.mkdir(q);
+      await fs.mkdir(k);
+      await setup(q, opts);
+      await setup(k, opts);
+      for (const args of [
+        ["img.qcow2", "300M"],
+        ["--shrink", "img.qcow2", `${3 * MiB + 512}`],
+      ]) {
+        const what = `resize ${args.join(" ")}`;
+        const qr = await qemuImgOk(["resize", ...args], { cwd: q });
+        const kr = await qcowkit(["resize", ...args], { cwd: k });
+        assert.equal(kr.code, 0, `qcowkit ${what}: ${kr.stderr}`);
+        assert.equal(kr.stdout, qr.stdout);
+        const chk = await qemuImg(["check", "img.qcow2"], { cwd: k });
+        assert.equal(chk.code, 0, `qemu-img check after qcowkit ${what}:\n${chk.stdout}${chk.stderr}`);
+        await assertInfoJsonMatches("img.qcow2", { cwd: k });
+        const info = async (dir: string) => {
+          const r = await qemuImgOk(["info", "--output=json", "img.qcow2"], { cwd: dir });
+          const j = JSON.parse(r.stdout) as {
+            "virtual-size": number;
+            "format-specific": { data: { bitmaps: unknown } };
+          };
+          return { size: j["virtual-size"], bitmaps: j["format-specific"].data.bitmaps };
+        };
+        assert.deepEqual(await info(k), await info(q), `${what}: qemu-img info (size, bitmaps)`);
+        assert.deepEqual(
+          await bitmapContents(path.join(k, "img.qcow2")),
+          await bitmapContents(path.join(q, "img.qcow2")),
+          `${what}: bitmap tables and data`,
+        );
+      }
+    });
+  }
+
+  test("an inconsistent (in_use) bitmap is refused as qemu-img refuses it; nothing changes", async () => {
+    const dir = await tmp.caseDir("bitmaps-in-use");
+    await qcow2(dir, "", "1M");
+    await qemuImgOk(["bitmap", "--add", "img.qcow2", "b0"], { cwd: dir });
+    const file = path.join(dir, "img.qcow2");
+    const img = await Qcow2Image.open(new MemoryStorage(new Uint8Array(await fs.readFile(file))), { readOnly: true });
+    const flagsAt = (img.extensions.bitmaps?.directoryOffset as number) + 12;
+    await img.close();
+    const bytes = await fs.readFile(file);
+    bytes.writeUInt32BE(bytes.readUInt32BE(flagsAt) | 1, flagsAt);
+    await fs.writeFile(file, bytes);
+    await fs.copyFile(file, path.join(dir, "q.qcow2"));
+    const before = await sha256(file);
+    const qr = await qemuImg(["resize", "q.qcow2", "2M"], { cwd: dir });
+    assert.equal(qr.code, 1, `fixture: ${qr.stderr}`);
+    const kr = await qcowkit(["resize", "img.qcow2", "2M"], { cwd: dir });
+    assertNoStackTrace(kr.stderr, "qcowkit resize");
+    assert.equal(kr.code, 1);
+    assert.equal(normalize(kr.stderr), normalize(qr.stderr));
+    assert.equal(await sha256(file), before);
   });
 });
 

@@ -5,7 +5,7 @@
  * equal to the references counted (no leak, no corruption) — and crashes at every flush point.
  */
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { describe, test } from "node:test";
@@ -372,6 +372,35 @@ describe("resize: crash at any flush point", () => {
       false,
     );
     assert.ok(points > 8, `${points} crash points`);
+  });
+
+  test("growth of an image with persistent bitmaps (tables moved, in_use meanwhile)", async () => {
+    const data = noise(256 * KiB, 23);
+    await crashAt(
+      async () => {
+        const dir = mkdtempSync(join(tmpdir(), "qcowkit-unit-"));
+        try {
+          const file = join(dir, "image.qcow2");
+          for (const args of [
+            ["create", "-q", "-f", "qcow2", "-o", "cluster_size=512", file, "256k"],
+            ["bitmap", "--add", "-g", "512", file, "fine"],
+            ["bitmap", "--add", file, "coarse"],
+          ]) {
+            const r = qemuImg(args);
+            assert.equal(r.code, 0, `fixture: qemu-img ${args.join(" ")}: ${r.stderr}`);
+          }
+          const storage = new MemoryStorage(new Uint8Array(readFileSync(file)), { name: "image.qcow2" });
+          const img = await open(storage);
+          await img.write(data, 0);
+          await img.close();
+          return { storage, data };
+        } finally {
+          rmSync(dir, { recursive: true, force: true });
+        }
+      },
+      200 * MiB,
+      false,
+    );
   });
 
   test("shrinking (512-byte clusters, tables and refcount blocks freed, file cut)", async () => {
