@@ -22,6 +22,7 @@ export {
 } from "./image/open.js";
 export { Qcow2Image, type Qcow2OpenOptions } from "./image/qcow2.js";
 export { RawImage } from "./image/raw.js";
+export { type ResizeOptions, type ResizePreallocation, resizeImage } from "./image/resize.js";
 export {
   applySnapshot,
   type CreateSnapshotOptions,

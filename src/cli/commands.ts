@@ -16,6 +16,7 @@ import { check } from "./cmd-check.js";
 import { commitCommand } from "./cmd-commit.js";
 import { measureCommand } from "./cmd-measure.js";
 import { rebaseCommand } from "./cmd-rebase.js";
+import { resize } from "./cmd-resize.js";
 import { serve } from "./cmd-serve.js";
 import { snapshotCommand } from "./cmd-snapshot.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
@@ -33,6 +34,11 @@ export interface Command {
   synopsis: string;
   help: string;
   options: Options;
+  /**
+   * Takes operands off the arguments before options are parsed (qemu-img resize takes SIZE
+   * first, so that "-1G" is a size); they are appended to the positionals.
+   */
+  takeOperands?(args: string[]): string[];
   run(values: Values, positionals: string[]): Promise<number>;
 }
 
@@ -371,6 +377,7 @@ export const commands: Command[] = [
   commitCommand,
   rebaseCommand,
   snapshotCommand,
+  resize,
   serve,
 ];
 

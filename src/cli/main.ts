@@ -21,6 +21,7 @@ async function main(argv: string[]): Promise<number> {
     process.stdout.write(`usage: ${cmd.synopsis}\n\n${cmd.help}\n`);
     return 0;
   }
+  const operands = cmd.takeOperands?.(rest) ?? [];
   let parsed: ReturnType<typeof parseArgs>;
   try {
     parsed = parseArgs({ args: rest, options: cmd.options, allowPositionals: true, strict: true });
@@ -29,7 +30,10 @@ async function main(argv: string[]): Promise<number> {
       `${(e as Error).message.split(". To specify")[0]}\nTry 'qcowkit ${name} --help' for more information`,
     );
   }
-  return cmd.run(parsed.values as Record<string, string | boolean | string[] | undefined>, parsed.positionals);
+  return cmd.run(parsed.values as Record<string, string | boolean | string[] | undefined>, [
+    ...parsed.positionals,
+    ...operands,
+  ]);
 }
 
 main(process.argv.slice(2)).then(

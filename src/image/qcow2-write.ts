@@ -38,6 +38,7 @@ import { Mutex, RangeLocks, Turns } from "./lock.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts, type TableMoved } from "./refcount.js";
 import { rebuildRefcounts } from "./repair.js";
+import { type ResizeOptions, resizeQcow2 } from "./resize.js";
 
 /** Decrements makeEmpty holds back at most before applying them (bounds its memory). */
 const MAX_PENDING_RELEASES = 1 << 20;
@@ -606,32 +607,41 @@ export class Qcow2Writer {
   // ---- preallocation ---------------------------------------------------------------------
 
   /**
-   * Gives every guest cluster a host cluster (QEMU's preallocation=metadata): L2 tables and
-   * data clusters, table by table, each table's clusters contiguous. With extended L2 the
+   * Gives every guest cluster of [from, to) (default: the whole disk) a host cluster (QEMU's
+   * preallocation=metadata): L2 tables and data clusters, table by table, each table's new
+   * clusters contiguous. Clusters that already have an entry keep it (resize preallocates the
+   * new area after the old end, whose last cluster may be in use). With extended L2 the
    * subclusters stay unallocated (a backing file still shows through). `fill` also writes
-   * zeros over the data clusters so the file really holds them (falloc, full).
+   * zeros over the new data clusters so the file really holds them (falloc, full).
    */
-  async preallocate(fill: boolean): Promise<void> {
+  async preallocate(fill: boolean, from = 0, to = this.img.size): Promise<void> {
     this.checkOpen();
     const img = this.img;
     const cs = this.cs;
-    const clusters = Math.ceil(img.size / cs);
-    for (let l1Index = 0; l1Index * img.l2Entries < clusters; l1Index++) {
-      const first = l1Index * img.l2Entries;
-      const n = Math.min(img.l2Entries, clusters - first);
+    const first = Math.floor(from / cs);
+    const clusters = Math.ceil(to / cs);
+    for (let l1Index = Math.floor(first / img.l2Entries); l1Index * img.l2Entries < clusters; l1Index++) {
+      const c0 = Math.max(first, l1Index * img.l2Entries);
+      const n = Math.min((l1Index + 1) * img.l2Entries, clusters) - c0;
       const hosts = await this.meta.run(async () => {
         await this.ownL2(l1Index);
-        const keep = new Array<boolean>(n).fill(false);
-        const offsets = await this.allocateDataRun(first, keep);
+        const keep: boolean[] = [];
         for (let i = 0; i < n; i++) {
-          const e = await this.entry(first + i);
-          if (e && e.type !== ClusterType.Unallocated) throw corrupt("Preallocation needs an image with no data");
-          const [hi, lo] = encodeStandardL2(offsets[i], true, false);
-          await this.setEntry(first + i, hi, lo, 0, 0);
+          const e = await this.entry(c0 + i);
+          keep.push(e !== undefined && e.type !== ClusterType.Unallocated);
+        }
+        const offsets = await this.allocateDataRun(c0, keep);
+        let next = 0;
+        for (let i = 0; i < n; i++) {
+          if (keep[i]) continue;
+          const [hi, lo] = encodeStandardL2(offsets[next++], true, false);
+          await this.setEntry(c0 + i, hi, lo, 0, 0);
         }
         return offsets;
       });
-      const end = Math.max(...hosts) + cs;
+      if (hosts.length === 0) continue;
+      let end = 0;
+      for (const h of hosts) end = Math.max(end, h + cs);
       if (fill) {
         // Zeros over each contiguous run of the new clusters.
         for (let i = 0; i < hosts.length; ) {
@@ -880,6 +890,42 @@ export class Qcow2Writer {
     }
   }
 
+  // ---- resize ----------------------------------------------------------------------------
+
+  /**
+   * Changes the virtual size, as QEMU's qcow2_co_truncate (resize.ts holds the logic; these
+   * are the write-path internals it needs). No other request may be in flight meanwhile.
+   */
+  async resize(size: number, opts: ResizeOptions): Promise<void> {
+    this.checkOpen();
+    // Bitmaps are resized too: what writes noted so far goes to disk first.
+    await this.storeBitmaps();
+    await resizeQcow2(this.img, size, opts, {
+      refcounts: this.refcounts,
+      tableMoved: this.tableMoved,
+      locked: (fn) => this.meta.run(fn),
+      flushMetadata: () => this.flushMetadata(),
+      writeHeader: () => this.writeHeader(),
+      discardClusters: async (from, to) => {
+        await this.zeroUnits(from, to, true, false);
+      },
+      releaseEntry: (e) => this.releaseEntry(e),
+      l1Changed: (index) => this.l1Dirty.add(index),
+      preallocate: (from, to, fill) => this.preallocate(fill, from, to),
+      writeZeroes: (offset, length) => this.writeZeroes(offset, length, false),
+      bitmaps: this.bitmaps !== undefined,
+    });
+    if (this.bitmaps && this.img.extensions.bitmaps) {
+      this.bitmaps = new BitmapTracker(
+        this.img.storage,
+        this.img.bitmaps,
+        this.img.extensions.bitmaps.directoryOffset,
+        this.cs,
+        this.img.size,
+      );
+    }
+  }
+
   // ---- write-back ------------------------------------------------------------------------
 
   private async maybeWriteBack(): Promise<void> {
@@ -954,14 +1000,18 @@ export class Qcow2Writer {
       return;
     }
     await this.flush();
-    if (this.bitmaps) {
-      await this.bitmaps.store(
-        () => this.meta.run(() => this.refcounts.allocate(1, this.tableMoved)),
-        () => this.meta.run(() => this.flushMetadata()),
-      );
-      await this.flush();
-    }
+    await this.storeBitmaps();
     this.closed = true;
+  }
+
+  /** Sets the bits of the ranges written in the tracked bitmaps and clears their in_use flag. */
+  private async storeBitmaps(): Promise<void> {
+    if (!this.bitmaps) return;
+    await this.bitmaps.store(
+      () => this.meta.run(() => this.refcounts.allocate(1, this.tableMoved)),
+      () => this.meta.run(() => this.flushMetadata()),
+    );
+    await this.flush();
   }
 
   private checkOpen(): void {

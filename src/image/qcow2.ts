@@ -39,6 +39,7 @@ import { TableCache } from "./cache.js";
 import { Qcow2Writer } from "./qcow2-write.js";
 import type { RawImage } from "./raw.js";
 import { Refcounts } from "./refcount.js";
+import type { ResizeOptions } from "./resize.js";
 
 /** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -559,6 +560,14 @@ export class Qcow2Image implements BlockDevice {
   async discard(offset: number, length: number): Promise<void> {
     this.checkRange(offset, length);
     await this.guarded((w) => w.discard(offset, length));
+  }
+
+  /**
+   * Changes the virtual size as `qemu-img resize` does (see resize.ts): growing may move the
+   * L1 table; shrinking needs `shrink: true`. No other request may be in flight meanwhile.
+   */
+  async resize(size: number, opts: ResizeOptions = {}): Promise<void> {
+    await this.guarded((w) => w.resize(size, opts));
   }
 
   /** Stores one whole guest cluster compressed (`data` is what the codec produced). */

@@ -195,6 +195,109 @@ export class Refcounts {
     return (start + blocks) * cs;
   }
 
+  /**
+   * Allocates `n` contiguous clusters however many refcount blocks they span (a grown L1 table
+   * must be contiguous; `allocate` stops at `maxRun`). Refcount blocks missing for the area are
+   * placed first, each in the first free cluster of the candidate area, and the search starts
+   * again past them — where QEMU's allocator ends up putting them too. Used by resize.ts.
+   */
+  async allocateArea(n: number, onTableMoved: TableMoved): Promise<number> {
+    if (n <= this.maxRun) return this.allocate(n, onTableMoved);
+    const be = this.blockEntries;
+    for (;;) {
+      let start = this.freeHint;
+      for (;;) {
+        let run = 0;
+        while (run < n && (await this.get(start + run)) === 0) run++;
+        if (run === n) break;
+        start += run + 1;
+      }
+      const first = Math.floor(start / be);
+      const last = Math.floor((start + n - 1) / be);
+      let missing = -1;
+      for (let t = first; t <= last && missing < 0; t++) if (t >= this.table.length || this.table[t] === 0) missing = t;
+      if (missing < 0) {
+        for (let i = 0; i < n; i++) await this.update(start + i, 1, onTableMoved);
+        this.freeHint = start + n;
+        return start * this.clusterSize;
+      }
+      if (missing === first) {
+        // The block for the area's first cluster goes where coverClusters puts every new block:
+        // the first cluster of the range it covers, at or before `start`.
+        await this.coverClusters(start, 1, onTableMoved);
+        continue;
+      }
+      // A later range: its block takes cluster `start`, counted by the (existing) first block.
+      if (missing >= this.table.length) await this.growTable(missing + 1, onTableMoved);
+      if ((await this.get(start)) !== 0) continue; // the grown table took it: search again
+      await this.update(start, 1, onTableMoved);
+      await this.writeBack();
+      const offset = start * this.clusterSize;
+      const block = view(new Uint8Array(this.clusterSize));
+      await this.storage.write(new Uint8Array(block.buffer), offset);
+      await this.storage.flush();
+      await this.writeTableEntry(missing, offset);
+      await this.storage.flush();
+      this.blocks.put(offset, block);
+    }
+  }
+
+  /**
+   * QEMU's qcow2_shrink_reftable: drops the refcount blocks that count nothing but
+   * themselves. The table without them is written (and flushed) first; only then is each
+   * dropped block's own refcount cleared. Call with every refcount written back and no
+   * release pending. Returns how many blocks were dropped.
+   */
+  async dropUnusedBlocks(): Promise<number> {
+    const be = this.blockEntries;
+    const cs = this.clusterSize;
+    const unused: number[] = [];
+    for (let t = 0; t < this.table.length; t++) {
+      const offset = this.table[t];
+      if (offset === 0) continue;
+      const block = await this.block(offset);
+      const own = Math.floor(offset / cs / be) === t ? (offset / cs) % be : -1;
+      let empty = true;
+      for (let i = 0; i < be && empty; i++) if (i !== own && getRefcount(block, i, this.order) !== 0) empty = false;
+      if (empty) unused.push(t);
+    }
+    if (unused.length === 0) return 0;
+    const bytes = new Uint8Array(this.tableClusters * cs);
+    const dv = view(bytes);
+    const keep = new Set(unused);
+    for (let t = 0; t < this.table.length; t++) if (!keep.has(t)) setU64(dv, t * 8, this.table[t]);
+    await this.storage.write(bytes, this.tableOffset);
+    await this.storage.flush();
+    for (const t of unused) {
+      const offset = this.table[t];
+      const index = offset / cs;
+      this.table[t] = 0;
+      this.blocks.delete(offset);
+      // A block covering itself went with the table entry; another one counts it elsewhere.
+      if (Math.floor(index / be) !== t) await this.update(index, -1, () => Promise.resolve());
+      if (index < this.freeHint) this.freeHint = index;
+    }
+    return unused.length;
+  }
+
+  /**
+   * The last cluster below `clusters` with a non-zero refcount (-1: none), as QEMU's
+   * qcow2_get_last_cluster finds where a shrunken file may end. Ranges without a block are
+   * skipped whole.
+   */
+  async lastUsedCluster(clusters: number): Promise<number> {
+    const be = this.blockEntries;
+    for (let c = clusters - 1; c >= 0; c--) {
+      const t = Math.floor(c / be);
+      if (t >= this.table.length || this.table[t] === 0) {
+        c = t * be;
+        continue;
+      }
+      if ((await this.get(c)) !== 0) return c;
+    }
+    return -1;
+  }
+
   /** Holds back a decrement until the references that dropped it are durable. */
   release(index: number): void {
     this.releases.push(index);
