@@ -5,6 +5,15 @@ export * from "./errors.js";
 export * as format from "./format/index.js";
 export type { BlockDevice, Extent } from "./image/block-device.js";
 export {
+  type AddBitmapOptions,
+  addBitmap,
+  clearBitmap,
+  defaultBitmapGranularity,
+  mergeBitmap,
+  removeBitmap,
+  setBitmapEnabled,
+} from "./image/bitmap-ops.js";
+export {
   type Image,
   type ImageFormat,
   type OpenImageOptions,

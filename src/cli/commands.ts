@@ -12,6 +12,7 @@ import { convert } from "../ops/convert.js";
 import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
+import { bitmap } from "./cmd-bitmap.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
@@ -27,7 +28,8 @@ export interface Command {
   synopsis: string;
   help: string;
   options: Options;
-  run(values: Values, positionals: string[]): Promise<number>;
+  /** `args` are the command's arguments as given, for commands where their order matters. */
+  run(values: Values, positionals: string[], args: string[]): Promise<number>;
 }
 
 const str = (v: Values, k: string): string | undefined => v[k] as string | undefined;
@@ -354,7 +356,7 @@ const create: Command = {
   },
 };
 
-export const commands: Command[] = [create, info, map, convertCmd, compare];
+export const commands: Command[] = [create, info, map, convertCmd, compare, bitmap];
 
 export function usage(): string {
   return [

@@ -29,7 +29,7 @@ async function main(argv: string[]): Promise<number> {
       `${(e as Error).message.split(". To specify")[0]}\nTry 'qcowkit ${name} --help' for more information`,
     );
   }
-  return cmd.run(parsed.values as Record<string, string | boolean | string[] | undefined>, parsed.positionals);
+  return cmd.run(parsed.values as Record<string, string | boolean | string[] | undefined>, parsed.positionals, rest);
 }
 
 main(process.argv.slice(2)).then(
