@@ -3,7 +3,6 @@
 export type { Codec, Codecs } from "./codec/codec.js";
 export * from "./errors.js";
 export * as format from "./format/index.js";
-export type { BlockDevice, Extent } from "./image/block-device.js";
 export {
   type AddBitmapOptions,
   addBitmap,
@@ -13,6 +12,7 @@ export {
   removeBitmap,
   setBitmapEnabled,
 } from "./image/bitmap-ops.js";
+export type { BlockDevice, Extent } from "./image/block-device.js";
 export {
   type Image,
   type ImageFormat,

@@ -16,9 +16,9 @@ import {
   qemuImg,
   qemuImgOk,
   qemuIoOk,
+  type RunResult,
   readHeaderExtensions,
   requireTool,
-  type RunResult,
   useTempDir,
 } from "./util.js";
 
