@@ -26,7 +26,7 @@ import {
   MAX_BITMAPS,
 } from "../format/bitmap.js";
 import { setU64, textEncoder, view } from "../format/bytes.js";
-import { AUTOCLEAR_BITMAPS, encodeHeader } from "../format/header.js";
+import { AUTOCLEAR_BITMAPS, type BitmapsExtension, encodeHeader } from "../format/header.js";
 import { readFull, type Storage } from "../io/storage.js";
 import { setBits } from "./bitmaps.js";
 import type { Qcow2Image } from "./qcow2.js";
@@ -218,6 +218,7 @@ async function begin(img: Qcow2Image): Promise<Qcow2Writer> {
 /**
  * The bitmaps that count: with the `bitmaps` autoclear bit clear, a program without bitmap
  * support has written the image since they were stored, and QEMU ignores (and drops) them.
+ * (Qcow2Image.open already leaves them out; an image changed in between is checked again.)
  */
 function liveBitmaps(img: Qcow2Image): BitmapDirectoryEntry[] {
   return img.extensions.bitmaps && img.header.autoclearFeatures & AUTOCLEAR_BITMAPS ? img.bitmaps : [];
@@ -320,21 +321,69 @@ async function commitDirectory(
 ): Promise<void> {
   const cs = img.clusterSize;
   const old = liveBitmaps(img).length > 0 ? img.extensions.bitmaps : undefined;
-  let ext: { nbBitmaps: number; directorySize: number; directoryOffset: number } | undefined;
+  let ext: BitmapsExtension | undefined;
   if (entries.length > 0) {
     const dir = encodeBitmapDirectory(entries);
     ext = { nbBitmaps: entries.length, directorySize: dir.length, directoryOffset: await writeTable(img, w, dir) };
   }
   await w.flush();
-  img.extensions.bitmaps = ext;
-  if (ext) img.header.autoclearFeatures |= AUTOCLEAR_BITMAPS;
-  else img.header.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
-  await w.writeHeader();
+  await switchExtension(img, w, ext);
   img.bitmaps.splice(0, img.bitmaps.length, ...entries);
   if (old) w.releaseClusters(old.directoryOffset, Math.ceil(old.directorySize / cs));
   for (const [offset, n] of freed) w.releaseClusters(offset, n);
   await w.flush();
   w.reloadBitmaps();
+}
+
+/**
+ * Points the header at a new bitmap directory (or at none) so that even a header write torn
+ * at a 512-byte boundary leaves the old state or the new one. A write that changes a single
+ * sector cannot tear; otherwise (the extension appears, goes, or its fields straddle a sector
+ * boundary) the change passes through states whose `bitmaps` autoclear bit is clear, which
+ * QEMU (and qcowkit) read as "no bitmaps": the old state when the extension appears, the new one
+ * when it goes. Only a change of fields straddling a sector (rare layouts) can, on a crash,
+ * lose the bitmaps in between, as with QEMU's own in-place update. A backing file name that
+ * moves with the extension relies on the header's first sectors being written whole, as in
+ * QEMU.
+ */
+async function switchExtension(img: Qcow2Image, w: Qcow2Writer, ext: BitmapsExtension | undefined): Promise<void> {
+  const h = img.header;
+  const state = (e: BitmapsExtension | undefined, bit: boolean): Uint8Array =>
+    encodeHeader(
+      {
+        ...h,
+        autoclearFeatures: bit ? h.autoclearFeatures | AUTOCLEAR_BITMAPS : h.autoclearFeatures & ~AUTOCLEAR_BITMAPS,
+      },
+      { ...img.extensions, bitmaps: e },
+      img.backingName,
+    );
+  const write = async (e: BitmapsExtension | undefined, bit: boolean): Promise<void> => {
+    img.extensions.bitmaps = e;
+    if (bit) h.autoclearFeatures |= AUTOCLEAR_BITMAPS;
+    else h.autoclearFeatures &= ~AUTOCLEAR_BITMAPS;
+    await w.writeHeader();
+  };
+  const bit = (h.autoclearFeatures & AUTOCLEAR_BITMAPS) !== 0n;
+  if (sectorsChanged(state(img.extensions.bitmaps, bit), state(ext, ext !== undefined)) <= 1) {
+    await write(ext, ext !== undefined);
+    return;
+  }
+  if (bit) await write(img.extensions.bitmaps, false);
+  await write(ext, false);
+  if (ext) await write(ext, true);
+}
+
+function sectorsChanged(a: Uint8Array, b: Uint8Array): number {
+  let n = 0;
+  for (let at = 0; at < a.length; at += 512) {
+    for (let i = at; i < Math.min(a.length, at + 512); i++) {
+      if (a[i] !== b[i]) {
+        n++;
+        break;
+      }
+    }
+  }
+  return n;
 }
 
 // ---- bitmap data -----------------------------------------------------------------------------
