@@ -10,6 +10,7 @@ import { before, describe, test } from "node:test";
 import { openImageFile } from "../../src/node.js";
 import {
   assertNoStackTrace,
+  assertSameAsQemu,
   dirtyMap,
   patchFile,
   qcowkit,
@@ -336,4 +337,28 @@ describe("refusals: the same messages and exit codes as qemu-img", () => {
       assert.ok(r.code !== 0 || !/refus|fails/.test(c.name), "a refusal exits non-zero");
     });
   }
+});
+
+test("bitmaps of an image written by a program without bitmap support are ignored, as by QEMU", async () => {
+  const dir = await tmp.caseDir("stale");
+  const theirs = `${dir}/theirs.qcow2`;
+  const ours = `${dir}/ours.qcow2`;
+  await qemuImgOk(["create", "-q", "-f", "qcow2", theirs, "64M"]);
+  await qemuImgOk(["bitmap", "--add", theirs, "old"]);
+  await qemuIoOk(theirs, ["write -P 1 0 1M"]);
+  await patchFile(theirs, 88, Buffer.alloc(8)); // autoclear_features: a program without bitmap support wrote it
+  await copyFile(theirs, ours);
+  await assertSameAsQemu(["info", "--output=json", ours], { json: true });
+  const q = await qemuImg(["bitmap", "--add", theirs, "new"]);
+  const k = await qcowkit(["bitmap", "--add", ours, "new"]);
+  assert.equal(k.code, q.code, `exit: qcowkit ${k.code} (${k.stderr}), qemu-img ${q.code}`);
+  assert.deepEqual(await bitmapsOf(ours), await bitmapsOf(theirs));
+  // The old directory, table and data are leaked in both, and nothing is corrupt.
+  const leaks = async (f: string): Promise<unknown> => {
+    const c = JSON.parse((await qemuImg(["check", "--output=json", f])).stdout);
+    return [c.corruptions ?? 0, c.leaks ?? 0];
+  };
+  assert.deepEqual(await leaks(ours), await leaks(theirs));
+  await sameWrites(ours, theirs, [[5 << 20, 1000]], 3);
+  await assertSameDirty(ours, theirs, ["new"], "a new bitmap after stale ones");
 });
