@@ -363,6 +363,16 @@ describe("refusals, with QEMU's messages", () => {
       "invalid-argument",
       "Can't make bitmap 'a' persistent in 'image.qcow2': Too much space will be occupied by the bitmap. Use larger granularity",
     );
+    // qcowkit's own limit: a table must fit in one contiguous allocation (63 clusters here).
+    const long512 = await fresh({ size: 16 * 1024 * MiB, clusterSize: 512, refcountBits: 64 });
+    const before = long512.mem.bytes();
+    await rejects(
+      addBitmap(long512.img, "a", { granularity: 512 }),
+      "unsupported",
+      "A bitmap structure of 128 clusters is more than qcowkit allocates contiguously (63); use a larger granularity",
+    );
+    assert.deepEqual(long512.mem.bytes(), before, "nothing written");
+    await addBitmap(long512.img, "b", { granularity: 2048 });
     const empty = await fresh({ size: 0 });
     await rejects(addBitmap(empty.img, "a"), "invalid-argument", /The image is empty/);
     const ro = await reopen(big.mem.bytes());
