@@ -76,13 +76,15 @@ export async function addBitmap(img: Qcow2Image, name: string, opts: AddBitmapOp
   const nameBytes = textEncoder.encode(name).length;
   if (nameBytes > MAX_BITMAP_NAME) throw refuse(`Name length exceeds maximum (${MAX_BITMAP_NAME} characters)`);
   if (list.length + 1 > MAX_BITMAPS) throw refuse("Maximum number of persistent bitmaps is already reached");
-  const dirBytes = list.reduce((n, b) => n + entryBytes(b), 0) + entryBytes({ name, extra: new Uint8Array(0) });
+  const dirBytes = directoryBytes(list) + entryBytes({ name, extra: new Uint8Array(0) });
   if (dirBytes > MAX_BITMAP_DIRECTORY_BYTES) throw refuse("Not enough space in the bitmap directory");
   // QEMU cannot store the bitmap of an empty disk either (it reports "Lost persistent bitmaps").
   if (granules === 0) throw refuse("The image is empty: a bitmap of it would have no bits");
   checkHeaderRoom(img);
-
   const tableSize = Math.ceil(granules / (img.clusterSize * 8));
+  checkContiguous(img, w, "table", tableSize * 8);
+  checkContiguous(img, w, "directory", dirBytes);
+
   const tableOffset = await writeTable(img, w, new Uint8Array(tableSize * 8));
   const entry: BitmapDirectoryEntry = {
     tableOffset,
@@ -101,6 +103,7 @@ export async function removeBitmap(img: Qcow2Image, name: string): Promise<void>
   const w = await begin(img);
   const list = liveBitmaps(img);
   const b = findBitmap(list, name);
+  checkContiguous(img, w, "directory", directoryBytes(list));
   let freed: Run[] = [];
   try {
     freed = await bitmapClusters(img, b);
@@ -122,6 +125,8 @@ export async function clearBitmap(img: Qcow2Image, name: string): Promise<void> 
   const list = liveBitmaps(img);
   const b = findBitmap(list, name);
   checkConsistent(b);
+  checkContiguous(img, w, "table", b.tableSize * 8);
+  checkContiguous(img, w, "directory", directoryBytes(list));
   const freed = await bitmapClusters(img, b);
   const tableOffset = await writeTable(img, w, new Uint8Array(b.tableSize * 8));
   await commitDirectory(
@@ -140,6 +145,7 @@ export async function setBitmapEnabled(img: Qcow2Image, name: string, enabled: b
   checkConsistent(b);
   const flags = enabled ? b.flags | BME_FLAG_AUTO : b.flags & ~BME_FLAG_AUTO;
   if (flags === b.flags) return;
+  checkContiguous(img, w, "directory", directoryBytes(list));
   await commitDirectory(
     img,
     w,
@@ -169,6 +175,8 @@ export async function mergeBitmap(
       `Bitmaps are of different sizes (destination size is ${img.size}, source size is ${sourceImage.size}) and can't be merged`,
     );
   }
+  checkContiguous(img, w, "table", dst.tableSize * 8);
+  checkContiguous(img, w, "directory", directoryBytes(list));
   const cs = img.clusterSize;
   const size = img.size;
   const dstData = await BitmapData.load(img.storage, cs, size, dst);
@@ -260,6 +268,24 @@ function entryBytes(b: { name: string; extra: Uint8Array }): number {
   return Math.ceil((24 + b.extra.length + textEncoder.encode(b.name).length) / 8) * 8;
 }
 
+function directoryBytes(list: BitmapDirectoryEntry[]): number {
+  return list.reduce((n, b) => n + entryBytes(b), 0);
+}
+
+/**
+ * qcowkit allocates a table or directory in one run of at most `maxRun` clusters (fresh space
+ * has a refcount block every so many clusters): refuses, before anything is written, a larger one.
+ */
+function checkContiguous(img: Qcow2Image, w: Qcow2Writer, what: "table" | "directory", bytes: number): void {
+  const clusters = Math.max(1, Math.ceil(bytes / img.clusterSize));
+  if (clusters > w.refcounts.maxRun) {
+    const hint = what === "table" ? "; use a larger granularity" : "";
+    throw unsupported(
+      `A bitmap ${what} of ${clusters} clusters is more than qcowkit allocates contiguously (${w.refcounts.maxRun})${hint}`,
+    );
+  }
+}
+
 /** Refuses before anything is written when the first cluster has no room for the extension. */
 function checkHeaderRoom(img: Qcow2Image): void {
   if (img.extensions.bitmaps) return;
@@ -293,14 +319,15 @@ async function readTable(storage: Storage, b: BitmapDirectoryEntry): Promise<Dat
 }
 
 /** Writes a bitmap table (or directory) into new contiguous clusters; returns its offset. */
-async function writeTable(img: Qcow2Image, w: Qcow2Writer, bytes: Uint8Array): Promise<number> {
+async function writeTable(
+  img: Qcow2Image,
+  w: Qcow2Writer,
+  bytes: Uint8Array,
+  what: "table" | "directory" = "table",
+): Promise<number> {
   const cs = img.clusterSize;
+  checkContiguous(img, w, what, bytes.length);
   const clusters = Math.max(1, Math.ceil(bytes.length / cs));
-  if (clusters > w.refcounts.maxRun) {
-    throw unsupported(
-      `A bitmap structure of ${clusters} clusters is more than qcowkit allocates contiguously (${w.refcounts.maxRun}); use a larger granularity`,
-    );
-  }
   const at = await w.allocateClusters(clusters);
   const padded = new Uint8Array(clusters * cs);
   padded.set(bytes);
@@ -324,7 +351,11 @@ async function commitDirectory(
   let ext: BitmapsExtension | undefined;
   if (entries.length > 0) {
     const dir = encodeBitmapDirectory(entries);
-    ext = { nbBitmaps: entries.length, directorySize: dir.length, directoryOffset: await writeTable(img, w, dir) };
+    ext = {
+      nbBitmaps: entries.length,
+      directorySize: dir.length,
+      directoryOffset: await writeTable(img, w, dir, "directory"),
+    };
   }
   await w.flush();
   await switchExtension(img, w, ext);

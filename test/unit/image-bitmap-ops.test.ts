@@ -369,7 +369,7 @@ describe("refusals, with QEMU's messages", () => {
     await rejects(
       addBitmap(long512.img, "a", { granularity: 512 }),
       "unsupported",
-      "A bitmap structure of 128 clusters is more than qcowkit allocates contiguously (63); use a larger granularity",
+      "A bitmap table of 128 clusters is more than qcowkit allocates contiguously (63); use a larger granularity",
     );
     assert.deepEqual(long512.mem.bytes(), before, "nothing written");
     await addBitmap(long512.img, "b", { granularity: 2048 });
