@@ -167,7 +167,9 @@ export async function mergeBitmap(
   const w = await begin(img);
   const list = liveBitmaps(img);
   const dst = findBitmap(list, target);
-  const src = findBitmap(sourceImage === img ? list : liveBitmaps(sourceImage), source);
+  const sources = sourceImage === img ? list : liveBitmaps(sourceImage);
+  const src = findBitmap(sources, source);
+  if (sourceImage !== img) for (const b of sources) checkEntry(sourceImage, b);
   checkConsistent(dst);
   checkConsistent(src);
   if (sourceImage.size !== img.size) {
