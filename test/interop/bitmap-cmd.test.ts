@@ -186,6 +186,7 @@ describe("every action on every layout, as qemu-img does it", () => {
       for (const s of more) await sameStep(ours, theirs, s);
       await sameWrites(ours, theirs, [[3 << 20, 200000]], 9);
       await assertSameDirty(ours, theirs, ["a", "c", "d", "e", "g"], "after merge, clear and more writes");
+      await assertSameAsQemu(["info", "--output=json", ours], { json: true });
       for (const name of ["a", "c", "d", "e", "g"]) await sameStep(ours, theirs, ["--remove", "%", name]);
       assert.deepEqual(await bitmapsOf(ours), [], "no bitmaps are left");
       await sameStep(ours, theirs, ["--add", "%", "again"]);
