@@ -3,6 +3,15 @@
 export type { Codec, Codecs } from "./codec/codec.js";
 export * from "./errors.js";
 export * as format from "./format/index.js";
+export {
+  type AddBitmapOptions,
+  addBitmap,
+  clearBitmap,
+  defaultBitmapGranularity,
+  mergeBitmap,
+  removeBitmap,
+  setBitmapEnabled,
+} from "./image/bitmap-ops.js";
 export type { BlockDevice, Extent } from "./image/block-device.js";
 export {
   CheckFailed,

@@ -12,6 +12,7 @@ import { convert } from "../ops/convert.js";
 import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
+import { bitmap } from "./cmd-bitmap.js";
 import { check } from "./cmd-check.js";
 import { commitCommand } from "./cmd-commit.js";
 import { measureCommand } from "./cmd-measure.js";
@@ -39,7 +40,8 @@ export interface Command {
    * first, so that "-1G" is a size); they are appended to the positionals.
    */
   takeOperands?(args: string[]): string[];
-  run(values: Values, positionals: string[]): Promise<number>;
+  /** `args` are the command's arguments as given, for commands where their order matters. */
+  run(values: Values, positionals: string[], args: string[]): Promise<number>;
 }
 
 const str = (v: Values, k: string): string | undefined => v[k] as string | undefined;
@@ -378,6 +380,7 @@ export const commands: Command[] = [
   rebaseCommand,
   snapshotCommand,
   resize,
+  bitmap,
   serve,
 ];
 

@@ -30,10 +30,11 @@ async function main(argv: string[]): Promise<number> {
       `${(e as Error).message.split(". To specify")[0]}\nTry 'qcowkit ${name} --help' for more information`,
     );
   }
-  return cmd.run(parsed.values as Record<string, string | boolean | string[] | undefined>, [
-    ...parsed.positionals,
-    ...operands,
-  ]);
+  return cmd.run(
+    parsed.values as Record<string, string | boolean | string[] | undefined>,
+    [...parsed.positionals, ...operands],
+    rest,
+  );
 }
 
 main(process.argv.slice(2)).then(

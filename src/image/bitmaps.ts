@@ -131,7 +131,7 @@ export class BitmapTracker {
 }
 
 /** Sets bits [from, to) of a bitmap cluster (bit 0 of each byte is its first granule). */
-function setBits(data: Uint8Array, from: number, to: number): void {
+export function setBits(data: Uint8Array, from: number, to: number): void {
   let i = from;
   while (i < to && i % 8 !== 0) {
     data[i >> 3] |= 1 << (i & 7);

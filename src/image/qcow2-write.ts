@@ -96,21 +96,59 @@ export class Qcow2Writer {
       h.incompatibleFeatures &= ~INCOMPAT_DIRTY;
       await w.writeHeader();
     }
-    // Bitmaps whose consistency bit is clear are stale already; they are left as they are.
-    if (img.bitmaps.length > 0 && img.extensions.bitmaps && h.autoclearFeatures & AUTOCLEAR_BITMAPS) {
-      w.bitmaps = new BitmapTracker(
-        img.storage,
-        img.bitmaps,
-        img.extensions.bitmaps.directoryOffset,
-        img.clusterSize,
-        img.size,
-      );
-    }
+    w.reloadBitmaps();
     if (h.autoclearFeatures & ~AUTOCLEAR_KNOWN) {
       h.autoclearFeatures &= AUTOCLEAR_KNOWN;
       await w.writeHeader();
     }
     return w;
+  }
+
+  /**
+   * Tracks the enabled bitmaps of the current bitmap directory (at open, and again after
+   * bitmap-ops.ts replaced the directory). Bitmaps whose consistency bit is clear are stale
+   * already; they are left as they are.
+   */
+  reloadBitmaps(): void {
+    const img = this.img;
+    const ext = img.extensions.bitmaps;
+    this.bitmaps =
+      img.bitmaps.length > 0 && ext && img.header.autoclearFeatures & AUTOCLEAR_BITMAPS
+        ? new BitmapTracker(img.storage, img.bitmaps, ext.directoryOffset, img.clusterSize, img.size)
+        : undefined;
+  }
+
+  /**
+   * Sets the bits of the writes made so far in the tracked bitmaps and clears their in_use flag
+   * (what `close` does), so that bitmap-ops.ts may then replace the bitmap directory.
+   */
+  async storeBitmaps(): Promise<void> {
+    this.checkOpen();
+    await this.flush();
+    if (!this.bitmaps) return;
+    await this.bitmaps.store(
+      () => this.meta.run(() => this.refcounts.allocate(1, this.tableMoved)),
+      () => this.meta.run(() => this.flushMetadata()),
+    );
+    await this.flush();
+  }
+
+  /**
+   * For structures outside the L1/L2 tables (bitmap-ops.ts): `n` contiguous new clusters with
+   * refcount 1 (durable with the next flush). Returns the offset of the first.
+   */
+  async allocateClusters(n: number): Promise<number> {
+    this.checkOpen();
+    return this.meta.run(() => this.refcounts.allocate(n, this.tableMoved));
+  }
+
+  /**
+   * Drops one reference to each of `n` clusters from `offset` (bitmap-ops.ts). As for data
+   * clusters, the decrement is applied at the next flush, so the caller first makes durable
+   * whatever stops referring to them.
+   */
+  releaseClusters(offset: number, n: number): void {
+    for (let i = 0; i < n; i++) this.refcounts.release(offset / this.cs + i);
   }
 
   /** Rewrites the first cluster from the header fields (extensions kept) and flushes. */
@@ -915,15 +953,8 @@ export class Qcow2Writer {
       writeZeroes: (offset, length) => this.writeZeroes(offset, length, false),
       bitmaps: this.bitmaps !== undefined,
     });
-    if (this.bitmaps && this.img.extensions.bitmaps) {
-      this.bitmaps = new BitmapTracker(
-        this.img.storage,
-        this.img.bitmaps,
-        this.img.extensions.bitmaps.directoryOffset,
-        this.cs,
-        this.img.size,
-      );
-    }
+    // The bitmaps now cover the new size: track them afresh.
+    if (this.bitmaps) this.reloadBitmaps();
   }
 
   // ---- write-back ------------------------------------------------------------------------
@@ -999,19 +1030,8 @@ export class Qcow2Writer {
       this.closed = true;
       return;
     }
-    await this.flush();
     await this.storeBitmaps();
     this.closed = true;
-  }
-
-  /** Sets the bits of the ranges written in the tracked bitmaps and clears their in_use flag. */
-  private async storeBitmaps(): Promise<void> {
-    if (!this.bitmaps) return;
-    await this.bitmaps.store(
-      () => this.meta.run(() => this.refcounts.allocate(1, this.tableMoved)),
-      () => this.meta.run(() => this.flushMetadata()),
-    );
-    await this.flush();
   }
 
   private checkOpen(): void {

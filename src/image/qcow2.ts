@@ -7,6 +7,7 @@ import { corrupt, hex, QcowError, unsupported } from "../errors.js";
 import { type BitmapDirectoryEntry, decodeBitmapDirectory, MAX_BITMAP_DIRECTORY_BYTES } from "../format/bitmap.js";
 import { view } from "../format/bytes.js";
 import {
+  AUTOCLEAR_BITMAPS,
   AUTOCLEAR_DATA_FILE_RAW,
   COMPAT_LAZY_REFCOUNTS,
   COMPRESSION_ZSTD,
@@ -681,6 +682,13 @@ export async function readBitmapDirectory(
 ): Promise<BitmapDirectoryEntry[]> {
   const b = ext.bitmaps;
   if (!b) return [];
+  if (!(h.autoclearFeatures & AUTOCLEAR_BITMAPS)) {
+    // A program without bitmap support has written the image since the bitmaps were stored:
+    // QEMU ignores them (their clusters count as leaked) and drops the extension when it next
+    // writes the header. So does qcowkit.
+    ext.bitmaps = undefined;
+    return [];
+  }
   if (b.directorySize > MAX_BITMAP_DIRECTORY_BYTES)
     throw corrupt(`Bitmap directory too large: ${b.directorySize} bytes`);
   if (b.directoryOffset % 2 ** h.clusterBits !== 0)

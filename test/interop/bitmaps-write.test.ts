@@ -3,33 +3,16 @@
  * (exported by qemu-nbd, listed by nbdinfo) equals the one QEMU itself keeps for the same writes.
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { copyFile } from "node:fs/promises";
 import { before, test } from "node:test";
 import { openImageFile } from "../../src/node.js";
-import { qemuImgOk, qemuIoOk, requireTool, run, useTempDir } from "./util.js";
+import { dirtyMap, qemuImgOk, qemuIoOk, requireTool, useTempDir } from "./util.js";
 
 const tmp = useTempDir("bitmaps-write");
 
 before(() => {
   for (const tool of ["qemu-img", "qemu-io", "qemu-nbd", "nbdinfo"]) requireTool(tool);
 });
-
-/** The dirty ranges of bitmap `name` as QEMU sees them. */
-async function dirtyMap(image: string, name: string): Promise<string> {
-  const sock = `${image}.sock`;
-  const server = spawn("qemu-nbd", ["-r", "-t", "-f", "qcow2", "-B", name, "-k", sock, image], { stdio: "ignore" });
-  try {
-    for (let i = 0; i < 50; i++) {
-      const r = await run("nbdinfo", [`--map=qemu:dirty-bitmap:${name}`, `nbd+unix:///?socket=${sock}`]);
-      if (r.code === 0) return r.stdout;
-      await new Promise((res) => setTimeout(res, 100));
-    }
-    throw new Error(`qemu-nbd did not serve ${image}`);
-  } finally {
-    server.kill();
-  }
-}
 
 test("an enabled bitmap records qcowkit's writes, zero writes and discards as QEMU's would", async () => {
   const base = tmp.file("base.qcow2");

@@ -205,6 +205,27 @@ export async function qemuIoOk(
   return r;
 }
 
+/**
+ * The dirty ranges of persistent bitmap `name` as QEMU sees them: the image exported by
+ * `qemu-nbd -B NAME`, listed by `nbdinfo --map=qemu:dirty-bitmap:NAME`.
+ */
+export async function dirtyMap(image: string, name: string): Promise<string> {
+  const sock = `${image}.sock`;
+  const server = spawn(requireTool("qemu-nbd"), ["-r", "-t", "-f", "qcow2", "-B", name, "-k", sock, image], {
+    stdio: "ignore",
+  });
+  try {
+    for (let i = 0; i < 50; i++) {
+      const r = await run(requireTool("nbdinfo"), [`--map=qemu:dirty-bitmap:${name}`, `nbd+unix:///?socket=${sock}`]);
+      if (r.code === 0) return r.stdout;
+      await new Promise((res) => setTimeout(res, 100));
+    }
+    throw new Error(`qemu-nbd did not serve ${image}`);
+  } finally {
+    server.kill();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Temp dirs
 // ---------------------------------------------------------------------------------------------
