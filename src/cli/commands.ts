@@ -12,6 +12,7 @@ import { convert } from "../ops/convert.js";
 import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
+import { amend } from "./cmd-amend.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
@@ -354,7 +355,7 @@ const create: Command = {
   },
 };
 
-export const commands: Command[] = [create, info, map, convertCmd, compare];
+export const commands: Command[] = [create, info, map, convertCmd, compare, amend];
 
 export function usage(): string {
   return [
