@@ -400,9 +400,11 @@ class Amender {
     const usedBlocks = new Set<number>();
     // Which new blocks are needed: every range holding a cluster in use. Allocating blocks and
     // the table uses more clusters (and may grow the old structures), so repeat until stable.
+    // Allocated clusters may lie past the end of the file until they are written.
+    let allocatedEnd = 0;
     const scan = async (): Promise<number> => {
       usedBlocks.clear();
-      const end = Math.ceil(Math.max(await this.storage.size(), old.structureEnd()) / cs);
+      const end = Math.ceil(Math.max(await this.storage.size(), old.structureEnd(), allocatedEnd) / cs);
       let last = -1;
       for (let c = 0; c < end; c++) {
         const r = await old.get(c);
@@ -425,7 +427,9 @@ class Amender {
       let grew = false;
       for (const t of usedBlocks) {
         if (blocks.has(t)) continue;
-        blocks.set(t, await old.allocate(1, this.tableMoved));
+        const at = await old.allocate(1, this.tableMoved);
+        blocks.set(t, at);
+        allocatedEnd = Math.max(allocatedEnd, at + cs);
         grew = true;
       }
       const tableEntries = Math.floor(last / entries) + 1;
@@ -438,6 +442,7 @@ class Amender {
         tableClusters = needClusters + 1;
         if (tableClusters * cs > MAX_REFTABLE_BYTES) throw unsupported("Refcount table would be too large");
         tableOffset = await this.allocateContiguous(tableClusters, old);
+        allocatedEnd = Math.max(allocatedEnd, tableOffset + tableClusters * cs);
         grew = true;
       }
       if (!grew) break;
