@@ -17,6 +17,7 @@ import {
   COMPRESSION_DEFLATE,
   INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
+  MAX_L1_BYTES,
   MAX_REFTABLE_BYTES,
   QEMU_FEATURE_NAMES,
   V2_HEADER_LENGTH,
@@ -53,7 +54,10 @@ export interface AmendOptions {
   dataFile?: string;
   /** Can only be cleared (QEMU: "data-file-raw cannot be set on existing images"). */
   dataFileRaw?: boolean;
-  /** The virtual size: only the current one is accepted (resizing is not done here). */
+  /**
+   * A new virtual size (QEMU's amend resizes). Growing is supported (the L1 table grows when it
+   * must); shrinking, and resizing images with bitmaps or a data file, are refused.
+   */
   size?: number;
   /** Encryption options were given (`encrypt.*`): refused, as qcowkit opens no encrypted image. */
   encryption?: boolean;
@@ -161,15 +165,54 @@ class Amender {
       }
       await this.writer.writeHeader();
     }
-    if (o.size !== undefined && o.size !== 0 && o.size !== img.size) {
-      throw unsupported(`Changing the virtual size through amend is not supported (use 'resize')`);
-    }
+    // size=0 means "not given" to QEMU.
+    if (o.size !== undefined && o.size !== 0) await this.resize(o.size);
     // Downgrade last, once whatever v2 cannot hold may have been removed.
     if (newVersion < oldVersion) {
       await this.downgrade(progress);
       done++;
     }
     progress(1);
+  }
+
+  // ---- size ------------------------------------------------------------------------------
+
+  /**
+   * Grows the virtual disk as QEMU's qcow2_co_truncate does with preallocation=off: a larger
+   * L1 table when the new size needs one (written and flushed, then the header switched to it,
+   * then the old one freed), and the new size in the header.
+   */
+  private async resize(size: number): Promise<void> {
+    const img = this.img;
+    const h = img.header;
+    if (size % 512 !== 0) throw usage("The new size must be a multiple of 512");
+    if (img.snapshots.length > 0 && h.version < 3) throw unsupported("Can't resize a v2 image which has snapshots");
+    if (size === img.size) return;
+    if (size < img.size) throw unsupported("Shrinking an image through amend is not supported (qcowkit)");
+    if (img.bitmaps.length > 0)
+      throw unsupported("Resizing an image with persistent bitmaps is not supported (qcowkit)");
+    if (h.incompatibleFeatures & INCOMPAT_DATA_FILE)
+      throw unsupported("Resizing an image with an external data file is not supported (qcowkit)");
+    const l1Size = Math.ceil(size / this.cs / img.l2Entries);
+    if (l1Size * 8 > MAX_L1_BYTES) throw unsupported("Failed to grow the L1 table: File too large");
+    if (l1Size > h.l1Size) {
+      const clusters = Math.ceil((l1Size * 8) / this.cs);
+      const table = new Uint8Array(clusters * this.cs);
+      await readFull(this.storage, table.subarray(0, h.l1Size * 8), h.l1TableOffset);
+      const at = await this.allocateContiguous(clusters);
+      await this.storage.write(table, at);
+      await this.commitRefcounts();
+      const old = { offset: h.l1TableOffset, bytes: h.l1Size * 8 };
+      h.l1TableOffset = at;
+      h.l1Size = l1Size;
+      h.size = size;
+      await this.writer.writeHeader();
+      await this.free(old.offset, old.bytes);
+    } else {
+      h.size = size;
+      await this.writer.writeHeader();
+    }
+    img.size = size;
   }
 
   // ---- version ---------------------------------------------------------------------------
@@ -483,7 +526,11 @@ class Amender {
 
   /** `n` contiguous new clusters (refcount 1 each). */
   private async allocateContiguous(n: number, rc = this.refcounts): Promise<number> {
-    if (n > rc.maxRun) throw unsupported(`Cannot allocate ${n} contiguous clusters at this cluster size`);
+    if (n > rc.maxRun) {
+      throw unsupported(
+        `Cannot allocate ${n} contiguous clusters (at most ${rc.maxRun} with this cluster size and refcount width)`,
+      );
+    }
     return rc.allocate(n, this.tableMoved);
   }
 

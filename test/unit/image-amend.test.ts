@@ -135,8 +135,23 @@ async function header(bytes: Uint8Array): Promise<Qcow2Image["header"]> {
   return (await Qcow2Image.readHeader(new MemoryStorage(bytes))).header;
 }
 
+/**
+ * Each layer reads `expected`, and zeros past it (an image grown by amend reads longer). Reports
+ * the first differing offset instead of a diff of whole disks.
+ */
+function assertSameGuest(actual: Uint8Array[], expected: Uint8Array[], what = ""): void {
+  assert.equal(actual.length, expected.length, `${what}: number of layers`);
+  actual.forEach((a, i) => {
+    const e = expected[i];
+    assert.ok(a.length >= e.length, `${what}: layer ${i} reads ${a.length} bytes, expected ${e.length}`);
+    let at = -1;
+    for (let j = 0; j < a.length && at < 0; j++) if (a[j] !== (j < e.length ? e[j] : 0)) at = j;
+    assert.equal(at, -1, `${what}: layer ${i} differs at offset ${at}`);
+  });
+}
+
 async function assertGood(bytes: Uint8Array, expected: Uint8Array[], backed: boolean): Promise<void> {
-  assert.deepEqual(await contents(bytes), expected);
+  assertSameGuest(await contents(bytes), expected);
   await assertRefcountsExact(bytes);
   await assertQemuCheckClean(bytes, backed);
 }
@@ -224,7 +239,7 @@ describe("amend: compat", () => {
         assert.match(e.message, message);
         return true;
       });
-      assert.deepEqual(storage.bytes(), b.bytes, `image changed by a refused ${JSON.stringify(o)}`);
+      assert.ok(Buffer.from(storage.bytes()).equals(b.bytes), `image changed by a refused ${JSON.stringify(o)}`);
     }
   });
 
@@ -287,7 +302,7 @@ describe("amend: refcount width", () => {
         if (to === from) continue;
         const out = await amended(b.bytes, { refcountBits: 2 ** to });
         assert.equal((await header(out)).refcountOrder, to);
-        assert.deepEqual(await contents(out), expected, `${2 ** from} -> ${2 ** to} bits`);
+        assertSameGuest(await contents(out), expected, `${2 ** from} -> ${2 ** to} bits`);
         await assertRefcountsExact(out);
         if (to === 0 || to === 6 || from === 0) await assertQemuCheckClean(out, false);
       }
@@ -320,6 +335,48 @@ describe("amend: refcount width", () => {
   });
 });
 
+describe("amend: size", () => {
+  test("grows, with a larger L1 table, and the new space is writable", async () => {
+    const b = buildImage(spec(3));
+    const size = 200 * 64 * CS; // 200 L1 entries: four clusters of L1 table
+    const out = await amended(b.bytes, { size });
+    const h = await header(out);
+    assert.equal(h.size, size);
+    assert.equal(h.l1Size, 200);
+    assertSameGuest(await contents(out), expectedContents(b, false));
+    await assertRefcountsExact(out);
+    await assertQemuCheckClean(out, false);
+    const storage = new MemoryStorage(out, { name: "a.qcow2" });
+    const img = await openStorage(storage, false);
+    await img.write(pattern(3 * CS, 9), size - 3 * CS);
+    await img.close();
+    const after = await open(storage.bytes(), true);
+    const tail = new Uint8Array(3 * CS);
+    await after.read(tail, size - 3 * CS);
+    assert.deepEqual(tail, pattern(3 * CS, 9));
+    await after.close();
+    await assertRefcountsExact(storage.bytes());
+  });
+
+  test("refusals", async () => {
+    const cases: [ImageSpec, AmendOptions, RegExp][] = [
+      [spec(3), { size: SIZE - CS }, /^Shrinking an image through amend is not supported/],
+      [spec(3), { size: SIZE + 100 }, /^The new size must be a multiple of 512$/],
+      [spec(2), { size: 2 * SIZE }, /^Can't resize a v2 image which has snapshots$/],
+    ];
+    for (const [s, o, message] of cases) {
+      const b = buildImage(s);
+      const storage = new MemoryStorage(b.bytes, { name: "a.qcow2" });
+      await assert.rejects(amendImage(await openStorage(storage, false), o), (e: unknown) => {
+        assert.ok(e instanceof QcowError, String(e));
+        assert.match(e.message, message);
+        return true;
+      });
+      assert.ok(Buffer.from(storage.bytes()).equals(b.bytes), `image changed by a refused ${JSON.stringify(o)}`);
+    }
+  });
+});
+
 describe("amend: crash safety", () => {
   const workloads: [string, ImageSpec, AmendOptions, boolean][] = [
     ["refcount width 16 -> 64", spec(3, 4), { refcountBits: 64 }, false],
@@ -328,6 +385,7 @@ describe("amend: crash safety", () => {
     ["downgrade with zero clusters", spec(3, 4), { version: 2 }, false],
     ["upgrade rewriting the snapshot table", spec(2), { version: 3 }, false],
     ["upgrade and refcount width together", spec(2), { version: 3, refcountBits: 8 }, false],
+    ["growth of the L1 table", spec(3), { size: 200 * 64 * CS }, false],
   ];
   for (const [name, s, o, backed] of workloads) {
     test(name, async () => {
@@ -345,7 +403,7 @@ describe("amend: crash safety", () => {
         const subsets = [w.ops, [], w.ops.filter(() => rng.chance(0.5))];
         for (const persisted of subsets) {
           const crashed = storage.crashImage(w.start, persisted);
-          assert.deepEqual(await contents(crashed), expected, `crash after flush at log ${k}`);
+          assertSameGuest(await contents(crashed), expected, `crash after flush at log ${k}`);
           const img = await open(crashed, true);
           const rc = await Refcounts.open(img.storage, img.header);
           const refs = await countReferences(img, rc);
