@@ -465,8 +465,17 @@ class Amender {
     const blocks = new Map<number, number>();
     let tableOffset = 0;
     let tableClusters = 0;
+    // Refuse a table qcowkit cannot place before allocating anything (it grows little after).
+    const limit = (clusters: number): void => {
+      if (clusters * cs > MAX_REFTABLE_BYTES || clusters > old.maxRun) {
+        throw unsupported(
+          `Cannot change the refcount width: the new refcount table (${clusters} clusters) is too large`,
+        );
+      }
+    };
     for (;;) {
       const last = await scan();
+      limit(Math.ceil(((Math.floor(last / entries) + 2) * 8) / cs) + 1);
       let grew = false;
       for (const t of usedBlocks) {
         if (blocks.has(t)) continue;
@@ -483,7 +492,7 @@ class Amender {
         }
         // Room for the blocks the table's own clusters may need.
         tableClusters = needClusters + 1;
-        if (tableClusters * cs > MAX_REFTABLE_BYTES) throw unsupported("Refcount table would be too large");
+        limit(tableClusters);
         tableOffset = await this.allocateContiguous(tableClusters, old);
         allocatedEnd = Math.max(allocatedEnd, tableOffset + tableClusters * cs);
         grew = true;
