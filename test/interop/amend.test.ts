@@ -9,7 +9,17 @@ import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { describe, test } from "node:test";
-import { assertCleanExit, CLI_PREFIX, qcowkit, qemuImg, qemuImgOk, qemuIoOk, useTempDir } from "./util.js";
+import {
+  assertCleanExit,
+  assertInfoJsonMatches,
+  assertMapJsonMatches,
+  CLI_PREFIX,
+  qcowkit,
+  qemuImg,
+  qemuImgOk,
+  qemuIoOk,
+  useTempDir,
+} from "./util.js";
 
 interface Qcow2Specific {
   compat: string;
@@ -50,10 +60,13 @@ async function assertSameContents(a: string, b: string, snapshots: string[], dir
   }
 }
 
+/** Runs qcowkit amend; then qcowkit's info and map of the result must be qemu-img's. */
 async function amendOk(args: string[], file: string): Promise<void> {
   const r = await qcowkit(["amend", ...args, file]);
   assertCleanExit(r, 0, `qcowkit amend ${args.join(" ")} ${file}`);
   assert.equal(r.stdout, "");
+  await assertInfoJsonMatches(file);
+  await assertMapJsonMatches(file);
 }
 
 /**
