@@ -221,6 +221,31 @@ describe("amend", () => {
     await assertSameContents(orig, file, ["s1"], dir);
   });
 
+  test("downgrade removes persistent bitmaps and frees their clusters", async () => {
+    // qemu-img 7.2 keeps the bitmaps extension in the v2 header; v2 readers ignore it, so its
+    // later checks report the bitmaps' clusters as leaked. qcowkit removes the bitmaps.
+    const dir = await tmp.caseDir("bitmaps");
+    const file = path.join(dir, "img.qcow2");
+    await qemuImgOk(["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", file, "64M"]);
+    await qemuImgOk(["bitmap", "--add", file, "b0"]);
+    await qemuImgOk(["bitmap", "--add", "-g", "64k", file, "b1"]);
+    await qemuIoOk(file, ["write -P 0x12 0 1M", "write -P 0x13 40M 256k"]);
+    const bitmaps = JSON.parse((await qemuImgOk(["info", "--output=json", file])).stdout) as {
+      "format-specific": { data: { bitmaps?: unknown[] } };
+    };
+    assert.equal(bitmaps["format-specific"].data.bitmaps?.length, 2, "fixture: two bitmaps");
+    const orig = path.join(dir, "orig.qcow2");
+    await fs.copyFile(file, orig);
+    await amendOk(["-o", "compat=0.10"], file);
+    await assertCheckClean(file);
+    const s = await specific(file);
+    assert.equal(s.compat, "0.10");
+    assert.equal((s as { bitmaps?: unknown }).bitmaps, undefined);
+    await assertSameContents(orig, file, [], dir);
+    const q = await qemuImg(["check", file]);
+    assert.doesNotMatch(q.stderr, /bitmaps/);
+  });
+
   describe("the same result and message as qemu-img", () => {
     const cases: [string, string[], string][] = [
       ["unknown compat", ["-o", "compat=0.9"], ""],
