@@ -65,8 +65,6 @@ export interface AmendOptions {
   onProgress?: (fraction: number) => void;
 }
 
-const usage = (message: string): QcowError => invalidArgument(message);
-
 /**
  * Amends `img` (opened read-write) and closes it: after the refcount structures or the version
  * change, the open handle no longer describes the file, so it is never used again.
@@ -113,12 +111,12 @@ class Amender {
     const hasDataFile = (h.incompatibleFeatures & INCOMPAT_DATA_FILE) !== 0n;
     const dataFileRaw = (h.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
     // The checks QEMU makes while reading the options, in its option order.
-    if (o.encryption) throw usage("Can't amend encryption options - encryption not present");
+    if (o.encryption) throw invalidArgument("Can't amend encryption options - encryption not present");
     if (!Number.isInteger(newBits) || newBits < 1 || newBits > 64 || (newBits & (newBits - 1)) !== 0)
-      throw usage("Refcount width must be a power of two and may not exceed 64 bits");
+      throw invalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
     if (o.dataFile !== undefined && !hasDataFile)
-      throw usage("data-file can only be set for images that use an external data file");
-    if (o.dataFileRaw && !dataFileRaw) throw usage("data-file-raw cannot be set on existing images");
+      throw invalidArgument("data-file can only be set for images that use an external data file");
+    if (o.dataFileRaw && !dataFileRaw) throw invalidArgument("data-file-raw cannot be set on existing images");
 
     const steps = (newVersion !== oldVersion ? 1 : 0) + (newBits !== oldBits ? 1 : 0);
     let done = 0;
@@ -133,7 +131,7 @@ class Amender {
     }
     if (newBits !== oldBits) {
       if (newVersion < 3 && newBits !== 16) {
-        throw usage(
+        throw invalidArgument(
           "Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
         );
       }
@@ -147,13 +145,13 @@ class Amender {
 
     if (o.backingFile !== undefined || o.backingFormat !== undefined) {
       if (o.backingFile !== img.backingName || o.backingFormat !== img.extensions.backingFormat) {
-        throw usage("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.");
+        throw invalidArgument("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.");
       }
     }
     if (o.lazyRefcounts !== undefined && o.lazyRefcounts !== img.lazyRefcounts) {
       if (o.lazyRefcounts) {
         if (newVersion < 3) {
-          throw usage(
+          throw invalidArgument(
             "Lazy refcounts only supported with compatibility level 1.1 and above (use compat=1.1 or greater)",
           );
         }
@@ -185,7 +183,7 @@ class Amender {
   private async resize(size: number): Promise<void> {
     const img = this.img;
     const h = img.header;
-    if (size % 512 !== 0) throw usage("The new size must be a multiple of 512");
+    if (size % 512 !== 0) throw invalidArgument("The new size must be a multiple of 512");
     if (img.snapshots.length > 0 && h.version < 3) throw unsupported("Can't resize a v2 image which has snapshots");
     if (size === img.size) return;
     if (size < img.size) throw unsupported("Shrinking an image through amend is not supported (qcowkit)");
