@@ -1,8 +1,8 @@
 /**
  * Amending a qcow2 image in place, as QEMU's qcow2_amend_options does: the version (compat
- * 0.10 / 1.1), the refcount width, lazy refcounts, the external data file's name and its raw
- * flag. Steps run in QEMU's order (upgrade, refcount width, header, lazy refcounts, downgrade
- * last) and fail with QEMU's messages.
+ * 0.10 / 1.1), the refcount width, lazy refcounts, the virtual size (growing), the external data
+ * file's name and its raw flag. Steps run in QEMU's order (upgrade, refcount width, header, lazy
+ * refcounts, size, downgrade last) and fail with QEMU's messages.
  *
  * Crash safety, as in the write path: new structures are written and flushed before the header
  * (or table) that points at them; references are dropped only after the pointer to them is

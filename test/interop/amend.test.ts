@@ -29,23 +29,23 @@ interface Qcow2Specific {
   "data-file"?: string;
 }
 
-async function specific(file: string): Promise<Qcow2Specific & { size: number }> {
-  const info = JSON.parse((await qemuImgOk(["info", "--output=json", file])).stdout) as {
+async function specific(file: string, cwd?: string): Promise<Qcow2Specific & { size: number }> {
+  const info = JSON.parse((await qemuImgOk(["info", "--output=json", file], { cwd })).stdout) as {
     "format-specific": { data: Qcow2Specific };
     "virtual-size": number;
   };
   return { ...info["format-specific"].data, size: info["virtual-size"] };
 }
 
-async function assertCheckClean(file: string): Promise<void> {
-  const r = await qemuImg(["check", file]);
+async function assertCheckClean(file: string, cwd?: string): Promise<void> {
+  const r = await qemuImg(["check", file], { cwd });
   assert.equal(r.code, 0, `qemu-img check ${file}: exit ${r.code}\n${r.stdout}${r.stderr}`);
   assert.match(r.stdout, /No errors were found on the image/);
 }
 
 /** The active layer and every snapshot of `a` and `b` read the same (qemu-img's reading). */
-async function assertSameContents(a: string, b: string, snapshots: string[], dir: string): Promise<void> {
-  const cmp = await qemuImg(["compare", a, b]);
+async function assertSameContents(a: string, b: string, snapshots: string[], dir: string, cwd?: string): Promise<void> {
+  const cmp = await qemuImg(["compare", a, b], { cwd });
   assert.equal(cmp.code, 0, `qemu-img compare ${a} ${b}: ${cmp.stdout}${cmp.stderr}`);
   for (const s of snapshots) {
     const ra = path.join(dir, `a-${s}.raw`);
@@ -244,6 +244,34 @@ describe("amend", () => {
     await assertSameContents(orig, file, [], dir);
     const q = await qemuImg(["check", file]);
     assert.doesNotMatch(q.stderr, /bitmaps/);
+  });
+
+  test("external data file: rename, clear data_file_raw, refuse downgrade", async () => {
+    const dir = await tmp.caseDir("data-file");
+    // Data file names are taken from the current directory at creation: work inside `dir`.
+    const cwd = { cwd: dir };
+    const run = async (tool: "qemu-img" | "qcowkit", name: string): Promise<string> => {
+      const file = `${name}.qcow2`;
+      await qemuImgOk(["create", "-q", "-f", "qcow2", "-o", `data_file=${name}.raw,data_file_raw=on`, file, "4M"], cwd);
+      await qemuIoOk(file, ["write -P 0x21 0 128k", "write -z 1M 64k"], cwd);
+      const amendWith = tool === "qemu-img" ? qemuImg : qcowkit;
+      for (const o of ["data_file_raw=off", `data_file=${name}2.raw`]) {
+        const r = await amendWith(["amend", "-o", o, file], cwd);
+        assert.equal(r.code, 0, `${tool} amend -o ${o}: ${r.stderr}`);
+      }
+      await fs.rename(path.join(dir, `${name}.raw`), path.join(dir, `${name}2.raw`));
+      const down = await amendWith(["amend", "-o", "compat=0.10", file], cwd);
+      assert.equal(down.code, 1);
+      assert.match(down.stderr, /: Cannot downgrade an image with a data file\n$/);
+      await assertCheckClean(file, dir);
+      return file;
+    };
+    const q = await run("qemu-img", "q");
+    const k = await run("qcowkit", "k");
+    const [sq, sk] = await Promise.all([specific(q, dir), specific(k, dir)]);
+    assert.deepEqual({ ...sk, "data-file": "" }, { ...sq, "data-file": "" });
+    assert.equal(sk["data-file"], "k2.raw");
+    await assertSameContents(q, k, [], dir, dir);
   });
 
   describe("the same result and message as qemu-img", () => {
