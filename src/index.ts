@@ -3,6 +3,7 @@
 export type { Codec, Codecs } from "./codec/codec.js";
 export * from "./errors.js";
 export * as format from "./format/index.js";
+export { type AmendOptions, amendImage } from "./image/amend.js";
 export {
   type AddBitmapOptions,
   addBitmap,

@@ -12,6 +12,7 @@ import { convert } from "../ops/convert.js";
 import { validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { type ImageInfo, imageInfo } from "../ops/info.js";
 import { mapExtents } from "../ops/map.js";
+import { amend } from "./cmd-amend.js";
 import { bitmap } from "./cmd-bitmap.js";
 import { check } from "./cmd-check.js";
 import { commitCommand } from "./cmd-commit.js";
@@ -380,6 +381,7 @@ export const commands: Command[] = [
   rebaseCommand,
   snapshotCommand,
   resize,
+  amend,
   bitmap,
   serve,
 ];

@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { existsSync } from "node:fs";
+import { readFile } from "node:fs/promises";
 import * as net from "node:net";
 import * as path from "node:path";
 import { QCOWKIT_MAIN, qemuImg, REPO_ROOT, type RunOptions, type RunResult, requireTool, run } from "./util.js";
@@ -91,7 +92,8 @@ export async function startServer(
     err += `spawn error: ${e.message}`;
   });
   const deadline = Date.now() + 15_000;
-  while (!existsSync(sock)) {
+  // The socket file appears at bind(), a moment before listen(): wait until it listens.
+  while (!(await listening(sock))) {
     if (server.exit !== undefined) {
       throw new Error(`${kind} ${argv.join(" ")} exited (${server.exit.code ?? server.exit.signal}): ${err}`);
     }
@@ -102,6 +104,26 @@ export async function startServer(
     await sleep(20);
   }
   return server;
+}
+
+/**
+ * Whether a Unix socket at `sock` is listening: /proc/net/unix lists it with __SO_ACCEPTCON
+ * (flag 0x10000). Where /proc/net/unix is not readable: the file exists, plus 100 ms.
+ */
+async function listening(sock: string): Promise<boolean> {
+  if (!existsSync(sock)) return false;
+  let table: string;
+  try {
+    table = await readFile("/proc/net/unix", "utf8");
+  } catch {
+    await sleep(100);
+    return true;
+  }
+  for (const line of table.split("\n")) {
+    const f = line.trim().split(/\s+/);
+    if (f.length >= 8 && f[7] === sock && (Number.parseInt(f[3], 16) & 0x10000) !== 0) return true;
+  }
+  return false;
 }
 
 /** SIGKILLs every server still running (for `after`). */
