@@ -183,8 +183,9 @@ describe("qcowkit serve", { concurrency: true }, () => {
       ["raw with holes", raw, "raw"],
     ] as const) {
       await t.test(`nbdinfo --list, --map, --map=qemu:allocation-depth: ${label}`, async () => {
-        const k = await startServer("qcowkit", path.join(dir, `km-${fmt}.sock`), ["-f", fmt, "-r", "-t", file]);
-        const q = await startServer("qemu-nbd", path.join(dir, `qm-${fmt}.sock`), ["-f", fmt, "-r", "-A", "-t", file]);
+        const common = ["-f", fmt, "-r", "-D", `the ${fmt} disk`, "-t"];
+        const k = await startServer("qcowkit", path.join(dir, `km-${fmt}.sock`), [...common, file]);
+        const q = await startServer("qemu-nbd", path.join(dir, `qm-${fmt}.sock`), [...common, "-A", file]);
         try {
           for (const args of [["--list"], ["--map"], ["--map=qemu:allocation-depth"], ["--map", "--totals"]]) {
             const ko = normalize(await nbdinfo([...args, k.uri()]), k.sock, q.sock);
@@ -195,6 +196,7 @@ describe("qcowkit serve", { concurrency: true }, () => {
               for (const word of ["local", "backing depth 2", "absent"]) assert.match(ko, new RegExp(word));
             }
             if (args[0] === "--map" && args.length === 1) assert.match(ko, /hole,zero/);
+            if (args[0] === "--list") assert.match(ko, new RegExp(`the ${fmt} disk`), "description in --list");
           }
         } finally {
           await Promise.all([k.stop(), q.stop()]);
