@@ -168,6 +168,11 @@ async function runCase(req: CaseRequest): Promise<CaseResult> {
   return result;
 }
 
+// A promise nobody awaited that fails would end a real program: report it as a crash, with its stack.
+process.on("unhandledRejection", (e: unknown) => {
+  throw new Error(`unhandled rejection: ${e instanceof Error ? (e.stack ?? e.message) : String(e)}`);
+});
+
 parentPort?.on("message", (req: CaseRequest) => {
   runCase(req).then(
     (res) => parentPort?.postMessage({ ok: true, res }),

@@ -297,11 +297,17 @@ export class Qcow2Writer {
         }
         pos = runEnd;
       }
+    } catch (e) {
+      // The parts already started finish (and fail, if they must) before this write reports:
+      // nothing of it keeps running after the caller has seen the error.
+      await Promise.allSettled(jobs);
+      throw e;
     } finally {
       // Later writes may allocate once this one has (or has nothing to allocate).
       Promise.all(allocations).then(() => this.turns.done(turn));
     }
-    await Promise.all(jobs);
+    const failed = (await Promise.allSettled(jobs)).find((r) => r.status === "rejected");
+    if (failed) throw (failed as PromiseRejectedResult).reason;
     await this.maybeWriteBack();
   }
 

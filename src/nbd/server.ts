@@ -415,16 +415,18 @@ class Connection {
   /** The protocol's checks of a request: [errno, message] when it must be refused. */
   private validate(req: P.Request): [number, string] | undefined {
     const size = this.exp.device.size;
+    // FUA is valid on every command (it only changes anything for writes).
     const allowed: Record<number, number> = {
       [P.CMD_READ]: P.CMD_FLAG_DF,
-      [P.CMD_WRITE]: P.CMD_FLAG_FUA,
+      [P.CMD_WRITE]: 0,
       [P.CMD_FLUSH]: 0,
-      [P.CMD_TRIM]: P.CMD_FLAG_FUA,
+      [P.CMD_TRIM]: 0,
       [P.CMD_CACHE]: 0,
-      [P.CMD_WRITE_ZEROES]: P.CMD_FLAG_FUA | P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
+      [P.CMD_WRITE_ZEROES]: P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
       [P.CMD_BLOCK_STATUS]: P.CMD_FLAG_REQ_ONE,
     };
-    const mask = allowed[req.type];
+    const flagsAllowed = allowed[req.type];
+    const mask = flagsAllowed === undefined ? undefined : flagsAllowed | P.CMD_FLAG_FUA;
     if (mask === undefined) return [P.EINVAL, `unsupported command ${req.type}`];
     if (req.flags & ~mask) return [P.EINVAL, `unsupported flags 0x${req.flags.toString(16)}`];
     if (req.flags & P.CMD_FLAG_DF && !this.structured) return [P.EINVAL, "DF without structured replies"];
@@ -446,6 +448,11 @@ class Connection {
 
   private async read(req: P.Request): Promise<void> {
     const dev = this.exp.device;
+    if (req.length === 0) {
+      // Nothing to send: no data chunk may be empty.
+      this.done(req, 0);
+      return;
+    }
     const buf = Buffer.allocUnsafe(req.length);
     if (!this.structured) {
       await dev.read(buf, req.offset);
@@ -454,7 +461,7 @@ class Connection {
     }
     // Zero runs go out as holes (unless the client wants one chunk): less to send and to read.
     const parts: { start: number; length: number; hole: boolean }[] = [];
-    if (req.flags & P.CMD_FLAG_DF || req.length === 0) {
+    if (req.flags & P.CMD_FLAG_DF) {
       parts.push({ start: req.offset, length: req.length, hole: false });
     } else {
       for await (const e of dev.blockStatus(req.offset, req.length)) {
@@ -484,7 +491,6 @@ class Connection {
         out.push(P.chunkHeader(flags, P.REPLY_TYPE_OFFSET_DATA, req.handle, 8 + p.length), o, data);
       }
     }
-    if (parts.length === 0) out.push(P.chunkHeader(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, req.handle, 0));
     this.send(Buffer.concat(out));
   }
 
