@@ -17,7 +17,6 @@ import {
   COMPRESSION_DEFLATE,
   INCOMPAT_COMPRESSION,
   INCOMPAT_DATA_FILE,
-  MAX_L1_BYTES,
   MAX_REFTABLE_BYTES,
   QEMU_FEATURE_NAMES,
   V2_HEADER_LENGTH,
@@ -55,8 +54,8 @@ export interface AmendOptions {
   /** Can only be cleared (QEMU: "data-file-raw cannot be set on existing images"). */
   dataFileRaw?: boolean;
   /**
-   * A new virtual size (QEMU's amend resizes). Growing is supported (the L1 table grows when it
-   * must); shrinking, and resizing images with bitmaps or a data file, are refused.
+   * A new virtual size: the image is resized as `qcowkit resize --shrink` resizes it (QEMU's
+   * amend truncates through the same driver call), bitmaps and data file included.
    */
   size?: number;
   /** Encryption options were given (`encrypt.*`): refused, as qcowkit opens no encrypted image. */
@@ -181,36 +180,9 @@ class Amender {
    * then the old one freed), and the new size in the header.
    */
   private async resize(size: number): Promise<void> {
-    const img = this.img;
-    const h = img.header;
-    if (size % 512 !== 0) throw invalidArgument("The new size must be a multiple of 512");
-    if (img.snapshots.length > 0 && h.version < 3) throw unsupported("Can't resize a v2 image which has snapshots");
-    if (size === img.size) return;
-    if (size < img.size) throw unsupported("Shrinking an image through amend is not supported (qcowkit)");
-    if (img.bitmaps.length > 0)
-      throw unsupported("Resizing an image with persistent bitmaps is not supported (qcowkit)");
-    if (h.incompatibleFeatures & INCOMPAT_DATA_FILE)
-      throw unsupported("Resizing an image with an external data file is not supported (qcowkit)");
-    const l1Size = Math.ceil(size / this.cs / img.l2Entries);
-    if (l1Size * 8 > MAX_L1_BYTES) throw unsupported("Failed to grow the L1 table: File too large");
-    if (l1Size > h.l1Size) {
-      const clusters = Math.ceil((l1Size * 8) / this.cs);
-      const table = new Uint8Array(clusters * this.cs);
-      await readFull(this.storage, table.subarray(0, h.l1Size * 8), h.l1TableOffset);
-      const at = await this.allocateContiguous(clusters);
-      await this.storage.write(table, at);
-      await this.commitRefcounts();
-      const old = { offset: h.l1TableOffset, bytes: h.l1Size * 8 };
-      h.l1TableOffset = at;
-      h.l1Size = l1Size;
-      h.size = size;
-      await this.writer.writeHeader();
-      await this.free(old.offset, old.bytes);
-    } else {
-      h.size = size;
-      await this.writer.writeHeader();
-    }
-    img.size = size;
+    if (size === this.img.size) return;
+    // The same resize as qemu-img resize's (QEMU's amend truncates through the same driver call).
+    await this.writer.resize(size, { shrink: true });
   }
 
   // ---- version ---------------------------------------------------------------------------
@@ -531,14 +503,9 @@ class Amender {
 
   // ---- helpers ---------------------------------------------------------------------------
 
-  /** `n` contiguous new clusters (refcount 1 each). */
-  private async allocateContiguous(n: number, rc = this.refcounts): Promise<number> {
-    if (n > rc.maxRun) {
-      throw unsupported(
-        `Cannot allocate ${n} contiguous clusters (at most ${rc.maxRun} with this cluster size and refcount width)`,
-      );
-    }
-    return rc.allocate(n, this.tableMoved);
+  /** `n` contiguous new clusters (refcount 1 each), however many refcount blocks they span. */
+  private allocateContiguous(n: number, rc = this.refcounts): Promise<number> {
+    return rc.allocateArea(n, this.tableMoved);
   }
 
   /** Makes the refcount changes so far durable. */

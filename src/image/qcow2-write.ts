@@ -22,7 +22,6 @@ import {
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
   MAX_BACKING_NAME,
-  MAX_L1_BYTES,
 } from "../format/header.js";
 import {
   ClusterType,
@@ -837,63 +836,6 @@ export class Qcow2Writer {
     const offset = Math.ceil((oldOffset + oldLength) / 8) * 8;
     if (offset + name.length > this.cs) return undefined;
     return { offset, bytes: name };
-  }
-
-  /**
-   * Grows the virtual size (used by commit to grow a base shorter than its overlay; the new
-   * part reads as zeros). When the L1 table is too short it moves, as QEMU's
-   * qcow2_grow_l1_table moves it: the new table is written and flushed, the header switches to
-   * it in one write, and only then is the old table released.
-   */
-  async grow(size: number): Promise<void> {
-    this.checkOpen();
-    const img = this.img;
-    if (size <= img.size) return;
-    if (this.bitmaps || img.bitmaps.length > 0) {
-      throw unsupported(`Cannot grow ${img.filename}: resizing persistent bitmaps is not supported`);
-    }
-    const entries = Math.ceil(size / this.cs / img.l2Entries);
-    if (entries * 8 > MAX_L1_BYTES) {
-      throw new QcowError("invalid-argument", "The image size is too large (try using a larger cluster size)");
-    }
-    await this.meta.run(async () => {
-      await this.flushMetadata();
-      if (entries > img.l1.length) await this.moveL1(entries);
-      img.header.size = size;
-      img.size = size;
-      await this.writeHeader();
-    });
-    await this.flush();
-  }
-
-  /** Moves the active L1 table to new clusters with `entries` entries (under the metadata lock). */
-  private async moveL1(entries: number): Promise<void> {
-    const img = this.img;
-    const cs = this.cs;
-    const clusters = Math.ceil((entries * 8) / cs);
-    if (clusters > this.refcounts.maxRun) throw unsupported(`An L1 table of ${clusters} clusters is not supported`);
-    const offset = await this.refcounts.allocate(clusters, this.tableMoved);
-    await this.refcounts.writeBack();
-    const l1 = new Float64Array(entries);
-    const copied = new Uint8Array(entries);
-    l1.set(img.l1);
-    copied.set(img.l1Copied);
-    const table = new Uint8Array(clusters * cs);
-    const dv = view(table);
-    for (let i = 0; i < img.l1.length; i++) {
-      const [hi, lo] = encodeL1Entry({ l2Offset: l1[i], copied: copied[i] === 1 });
-      dv.setUint32(i * 8, hi);
-      dv.setUint32(i * 8 + 4, lo);
-    }
-    await img.storage.write(table, offset);
-    await img.storage.flush();
-    const old = { offset: img.header.l1TableOffset, clusters: Math.ceil((img.l1.length * 8) / cs) };
-    img.header.l1TableOffset = offset;
-    img.header.l1Size = entries;
-    img.l1 = l1;
-    img.l1Copied = copied;
-    await this.writeHeader();
-    for (let i = 0; i < old.clusters && old.offset !== 0; i++) this.refcounts.release(old.offset / cs + i);
   }
 
   // ---- whole-image metadata operations ---------------------------------------------------

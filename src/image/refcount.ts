@@ -160,46 +160,11 @@ export class Refcounts {
   }
 
   /**
-   * Allocates `n` contiguous clusters for a table longer than `maxRun` (an L1 table or snapshot
-   * table with small clusters and wide refcounts). Added for internal snapshots (snapshots.ts).
-   * The run goes past the end of everything, on a refcount block boundary, behind the new refcount
-   * blocks that cover it and themselves (as growTable lays out its area, and with its assumption:
-   * every cluster allocated so far is already in the file); the blocks are durable before the
-   * table entries that point at them. Returns the host offset.
-   */
-  async allocateLong(n: number, onTableMoved: TableMoved): Promise<number> {
-    if (n <= this.maxRun) return this.allocate(n, onTableMoved);
-    const be = this.blockEntries;
-    const cs = this.clusterSize;
-    const blocks = Math.ceil(n / (be - 1));
-    let start = 0;
-    for (;;) {
-      const end = Math.max(Math.ceil((await this.storage.size()) / cs), Math.ceil(this.structureEnd() / cs));
-      start = Math.ceil(end / be) * be;
-      if (start / be + blocks <= this.table.length) break;
-      await this.growTable(start / be + blocks, onTableMoved);
-    }
-    for (let b = 0; b < blocks; b++) {
-      const block = view(new Uint8Array(cs));
-      for (let c = 0; c < be; c++) if (b * be + c < blocks + n) setRefcount(block, c, this.order, 1);
-      await this.storage.write(new Uint8Array(block.buffer), (start + b) * cs);
-      this.blocks.put((start + b) * cs, block);
-    }
-    await this.storage.flush();
-    // Block b lies in the range block floor(b / be) counts (block 0 counts itself): the entries go
-    // live generation by generation, each after the blocks that count its blocks.
-    for (let from = 0, to = 1; from < blocks; from = to, to = Math.min(blocks, to * be)) {
-      for (let b = from; b < to; b++) await this.writeTableEntry(start / be + b, (start + b) * cs);
-      await this.storage.flush();
-    }
-    return (start + blocks) * cs;
-  }
-
-  /**
    * Allocates `n` contiguous clusters however many refcount blocks they span (a grown L1 table
    * must be contiguous; `allocate` stops at `maxRun`). Refcount blocks missing for the area are
    * placed first, each in the first free cluster of the candidate area, and the search starts
-   * again past them — where QEMU's allocator ends up putting them too. Used by resize.ts.
+   * again past them — where QEMU's allocator ends up putting them too. Used for L1 tables
+   * (resize.ts, amend.ts) and snapshot tables (snapshots.ts).
    */
   async allocateArea(n: number, onTableMoved: TableMoved): Promise<number> {
     if (n <= this.maxRun) return this.allocate(n, onTableMoved);

@@ -249,7 +249,7 @@ function encodeTable(img: Qcow2Image, snapshots: Snapshot[]): Uint8Array {
 
 /** `n` contiguous new clusters (refcount 1 each, not yet durable). */
 async function allocate(m: MetadataAccess, n: number): Promise<number> {
-  return m.refcounts.allocateLong(n, m.tableMoved);
+  return m.refcounts.allocateArea(n, m.tableMoved);
 }
 
 /** One reference less for every cluster [offset, offset+bytes) touches (a freed table). */

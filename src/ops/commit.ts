@@ -9,6 +9,7 @@
 import { invalidArgument, QcowError } from "../errors.js";
 import type { Image, StorageOpener } from "../image/open.js";
 import { Qcow2Image } from "../image/qcow2.js";
+import { resizeImage } from "../image/resize.js";
 import { mapExtents } from "./map.js";
 
 /** Data is copied at most this much per request, with a few requests in flight. */
@@ -111,12 +112,7 @@ export async function commit(top: Image, base: Image, depth: number, opts: Commi
   opts.onProgress?.(1);
 }
 
-/** Grows the base to `size` bytes (the new part reads as zeros). */
-async function grow(base: Image, size: number): Promise<void> {
-  if (base.format === "raw") {
-    await base.storage.truncate(size);
-    base.size = size;
-  } else if (base.writer) {
-    await base.writer.grow(size);
-  }
+/** Grows the base to `size` bytes (the new part reads as zeros), as qemu-img resize would. */
+function grow(base: Image, size: number): Promise<void> {
+  return resizeImage(base, size);
 }
