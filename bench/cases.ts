@@ -137,7 +137,7 @@ export function compareCases(env: CaseEnv): CompareCase[] {
     `--uri=${nbdUri(c)}`,
     `--rw=${rw}`,
     "--bs=4k",
-    "--iodepth=16",
+    "--iodepth=32",
     `--size=${size}`,
     `--io_size=${ioSize}`,
     "--randrepeat=1",
@@ -221,7 +221,7 @@ export function compareCases(env: CaseEnv): CompareCase[] {
       }),
     },
     {
-      name: "nbd: fio 4k randread qd16, 256 MiB (vs qemu-nbd)",
+      name: "nbd: fio 4k randread qd32, 256 MiB (vs qemu-nbd)",
       inputs: ["qcow2"],
       qcowkit: (c) => ({
         socket: c.socket,
@@ -235,7 +235,7 @@ export function compareCases(env: CaseEnv): CompareCase[] {
       }),
     },
     {
-      name: "nbd: fio 4k randwrite qd16, 128 MiB over 256 MiB of a new image, fsync",
+      name: "nbd: fio 4k randwrite qd32, 128 MiB over 256 MiB of a new image, fsync",
       inputs: [],
       prepare: freshImage,
       qcowkit: (c) => ({

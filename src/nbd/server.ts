@@ -46,6 +46,24 @@ const CONTEXTS = new Map([
   ["qemu:allocation-depth", CONTEXT_DEPTH],
 ]);
 
+/**
+ * Read buffers, reused: a fresh large Buffer per request costs more than the read itself.
+ * Sizes are powers of two from 64 KiB; a few of each are kept.
+ */
+class BufferPool {
+  private readonly free = new Map<number, Buffer[]>();
+  take(n: number): Buffer {
+    const size = Math.max(65536, 2 ** Math.ceil(Math.log2(Math.max(1, n))));
+    return this.free.get(size)?.pop() ?? Buffer.allocUnsafeSlow(size);
+  }
+  give(b: Buffer): void {
+    const list = this.free.get(b.length) ?? [];
+    if (list.length < 32) list.push(b);
+    this.free.set(b.length, list);
+  }
+}
+const readBuffers = new BufferPool();
+
 /** The client closed, or sent something that ends the connection. */
 class Hangup extends Error {}
 
@@ -361,6 +379,23 @@ class Connection {
     if (!this.socket.destroyed) this.socket.write(b);
   }
 
+  /**
+   * Sends the pieces of one reply as one write (no copy into a joined buffer); `written` runs
+   * once the socket is done with them (or could not send them).
+   */
+  private sendAll(parts: (Buffer | Uint8Array)[], written?: () => void): void {
+    if (this.socket.destroyed) {
+      written?.();
+      return;
+    }
+    this.socket.cork();
+    parts.forEach((p, i) => {
+      if (i === parts.length - 1 && written) this.socket.write(p, () => written());
+      else this.socket.write(p);
+    });
+    this.socket.uncork();
+  }
+
   private done(req: P.Request, error: number, message = ""): void {
     if (!this.structured) this.send(P.simpleReply(error, req.handle));
     else if (error) this.send(P.errorChunk(req.handle, error, message));
@@ -453,12 +488,25 @@ class Connection {
       this.done(req, 0);
       return;
     }
-    const buf = Buffer.allocUnsafe(req.length);
-    if (!this.structured) {
-      await dev.read(buf, req.offset);
-      this.send(Buffer.concat([P.simpleReply(0, req.handle), buf]));
-      return;
+    const pooled = readBuffers.take(req.length);
+    const buf = pooled.subarray(0, req.length);
+    let handedOver = false;
+    try {
+      if (!this.structured) {
+        await dev.read(buf, req.offset);
+        handedOver = true;
+        this.sendAll([P.simpleReply(0, req.handle), buf], () => readBuffers.give(pooled));
+        return;
+      }
+      handedOver = await this.sendSparse(req, buf, () => readBuffers.give(pooled));
+    } finally {
+      if (!handedOver) readBuffers.give(pooled);
     }
+  }
+
+  /** A structured read reply: data chunks, and holes for zero runs. True once `buf` is sent. */
+  private async sendSparse(req: P.Request, buf: Buffer, written: () => void): Promise<boolean> {
+    const dev = this.exp.device;
     // Zero runs go out as holes (unless the client wants one chunk): less to send and to read.
     const parts: { start: number; length: number; hole: boolean }[] = [];
     if (req.flags & P.CMD_FLAG_DF) {
@@ -491,7 +539,8 @@ class Connection {
         out.push(P.chunkHeader(flags, P.REPLY_TYPE_OFFSET_DATA, req.handle, 8 + p.length), o, data);
       }
     }
-    this.send(Buffer.concat(out));
+    this.sendAll(out, written);
+    return true;
   }
 
   private async blockStatus(req: P.Request): Promise<void> {
