@@ -12,8 +12,9 @@ Subcommands (every one exits 0 on success, 1 with one line per failure on stderr
 
   musts --sock SOCK
       What doc/proto.md says a server MUST accept: NBD_CMD_FLAG_FUA on every command (FLUSH,
-      READ, CACHE), and a zero-length READ answered without a chunk describing zero bytes. SOCK
-      serves a writable export holding the pattern.
+      READ, CACHE), a zero-length READ answered without a chunk describing zero bytes, and
+      zero-length WRITE / WRITE_ZEROES / TRIM without a disconnect. SOCK serves a writable export
+      holding the pattern.
 
   workload --sock SOCK --seed S --size N --ops K
       A seeded random sequence of writes (random sizes and offsets, unaligned too, some FUA),
@@ -256,6 +257,23 @@ def musts(a):
             fail("zero-length READ broke the connection: %s" % e)
     if not (h.aio_is_dead() or h.aio_is_closed()):
         check("read after the zero-length read", h.pread(4096, 4096) == pattern(4096, 4096))
+        h.shutdown()
+    # Zero-length WRITE, WRITE_ZEROES and TRIM: well-formed requests, so the server may refuse
+    # them but MUST NOT disconnect ("The client and the server MUST NOT initiate any form of
+    # disconnect other than" on a violation of a mandatory condition, or a soft disconnect).
+    for what, fn in (
+        ("WRITE", lambda h: h.pwrite(b"", 8192)),
+        ("WRITE_ZEROES", lambda h: h.zero(0, 8192)),
+        ("TRIM", lambda h: h.trim(0, 8192)),
+    ):
+        h = handle(a.sock, strict=False)
+        try:
+            fn(h)
+        except nbd.Error as e:
+            if h.aio_is_dead() or h.aio_is_closed():
+                fail("zero-length %s: the server hung up (%s)" % (what, e))
+                continue
+        check("read after a zero-length " + what, h.pread(4096, 8192) == pattern(8192, 4096))
         h.shutdown()
 
 
