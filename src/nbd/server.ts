@@ -37,6 +37,17 @@ export interface NbdServerOptions {
 }
 
 const MAX_INFLIGHT = 64;
+const KNOWN_OPTIONS = new Set([
+  P.OPT_EXPORT_NAME,
+  P.OPT_ABORT,
+  P.OPT_LIST,
+  P.OPT_STARTTLS,
+  P.OPT_INFO,
+  P.OPT_GO,
+  P.OPT_STRUCTURED_REPLY,
+  P.OPT_LIST_META_CONTEXT,
+  P.OPT_SET_META_CONTEXT,
+]);
 const MAX_BUFFERED = 64 * 1024 * 1024;
 const MAX_EXTENTS = 1024;
 const CONTEXT_BASE = 1;
@@ -119,6 +130,7 @@ class SocketReader {
   }
 
   private consume(n: number): Buffer {
+    if (n === 0) return Buffer.alloc(0);
     if (this.chunks[0].length === n) {
       this.have -= n;
       return this.chunks.shift() as Buffer;
@@ -166,6 +178,7 @@ class Connection {
   private noZeroes = false;
   private contexts: number[] = [];
   private inflight = 0;
+  private inflightBytes = 0;
   private readonly idle: (() => void)[] = [];
   private stopping = false;
 
@@ -217,14 +230,19 @@ class Connection {
       if (h.readBigUInt64BE(0) !== P.IHAVEOPT) throw new Hangup("bad option magic");
       const option = h.readUInt32BE(8);
       const length = h.readUInt32BE(12);
-      if (length > P.MAX_OPTION_LENGTH) {
-        // Too long to be any option this server knows; say so if it is small enough to skip.
-        throw new Hangup(`option ${option} too long (${length} bytes)`);
-      }
-      const data = length > 0 ? await this.reader.take(length) : Buffer.alloc(0);
       const reply = (type: number, payload?: Uint8Array): void => {
         this.socket.write(P.optionReply(option, type, payload));
       };
+      if (length > P.MAX_OPTION_LENGTH) {
+        // Longer than any option this server takes: skip it (as qemu-nbd does) when that is
+        // cheap, else hang up.
+        if (length > P.MAX_PAYLOAD) throw new Hangup(`option ${option} too long (${length} bytes)`);
+        for (let left = length; left > 0; left -= Math.min(left, 1 << 20))
+          await this.reader.take(Math.min(left, 1 << 20));
+        reply(KNOWN_OPTIONS.has(option) ? P.REP_ERR_TOO_BIG : P.REP_ERR_UNSUP, Buffer.from("option too long"));
+        continue;
+      }
+      const data = length > 0 ? await this.reader.take(length) : Buffer.alloc(0);
       const invalid = (message: string): void => reply(P.REP_ERR_INVALID, Buffer.from(message));
       switch (option) {
         case P.OPT_EXPORT_NAME: {
@@ -339,7 +357,7 @@ class Connection {
 
   private async transmission(): Promise<void> {
     for (;;) {
-      if (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_BUFFERED) await this.slowDown();
+      if (this.busy) await this.slowDown();
       if (this.stopping) return;
       const h = await this.reader.take(P.REQUEST_HEADER_BYTES);
       const req = P.decodeRequest(h);
@@ -351,22 +369,37 @@ class Connection {
         payload = await this.reader.take(req.length);
       }
       if (req.type === P.CMD_DISC) return;
+      // Reads and writes hold their data until answered: count it, so that memory stays bounded.
+      const bytes = req.type === P.CMD_READ || req.type === P.CMD_WRITE ? Math.min(req.length, P.MAX_PAYLOAD) : 0;
       this.inflight++;
+      this.inflightBytes += bytes;
       this.serve(req, payload).finally(() => {
         this.inflight--;
+        this.inflightBytes -= bytes;
         for (const f of this.idle.splice(0)) f();
       });
     }
   }
 
-  /** Waits until fewer requests are in flight and the socket has taken our replies. */
+  private get busy(): boolean {
+    return (
+      this.inflight >= MAX_INFLIGHT || this.inflightBytes > MAX_BUFFERED || this.socket.writableLength > MAX_BUFFERED
+    );
+  }
+
+  /** Waits until fewer requests (and bytes) are in flight and the socket has taken our replies. */
   private async slowDown(): Promise<void> {
-    while (!this.stopping && (this.inflight >= MAX_INFLIGHT || this.socket.writableLength > MAX_BUFFERED)) {
+    while (!this.stopping && this.busy) {
       if (this.socket.destroyed) throw new Hangup("client disconnected");
       await new Promise<void>((resolve) => {
-        this.idle.push(resolve);
-        this.socket.once("drain", resolve);
-        this.socket.once("close", resolve);
+        const wake = (): void => {
+          this.socket.off("drain", wake);
+          this.socket.off("close", wake);
+          resolve();
+        };
+        this.idle.push(wake);
+        this.socket.on("drain", wake);
+        this.socket.on("close", wake);
       });
     }
   }
