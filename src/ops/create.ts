@@ -39,6 +39,22 @@ export interface Qcow2CreateOptions {
   dataFileRaw?: boolean;
 }
 
+const isPowerOfTwo = (n: number): boolean => Number.isInteger(n) && n > 0 && (n & (n - 1)) === 0;
+
+/** qemu-img's check of cluster_size, with its message. */
+export function checkClusterSize(clusterSize: number): void {
+  if (!isPowerOfTwo(clusterSize) || clusterSize < 512 || clusterSize > 2 * 1024 * 1024) {
+    throw invalidArgument("Cluster size must be a power of two between 512 and 2048k");
+  }
+}
+
+/** qemu-img's check of refcount_bits, with its message. */
+export function checkRefcountBits(refcountBits: number): void {
+  if (!isPowerOfTwo(refcountBits) || refcountBits > 64) {
+    throw invalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
+  }
+}
+
 /** qemu-img's checks, with its messages. Returns the options with defaults filled in. */
 export function validateCreateOptions(
   o: Qcow2CreateOptions,
@@ -48,14 +64,7 @@ export function validateCreateOptions(
   const extendedL2 = o.extendedL2 ?? false;
   const refcountBits = o.refcountBits ?? 16;
   const v3 = "(use version=v3 or greater)";
-  if (
-    !Number.isInteger(clusterSize) ||
-    clusterSize < 512 ||
-    clusterSize > 2 * 1024 * 1024 ||
-    (clusterSize & (clusterSize - 1)) !== 0
-  ) {
-    throw invalidArgument("Cluster size must be a power of two between 512 and 2048k");
-  }
+  checkClusterSize(clusterSize);
   if (extendedL2 && version < 3)
     throw invalidArgument(`Extended L2 entries are only supported with compatibility level 1.1 and above ${v3}`);
   if (extendedL2 && clusterSize < 16384)
@@ -67,14 +76,7 @@ export function validateCreateOptions(
     throw invalidArgument("Backing format cannot be used without backing file");
   if (o.lazyRefcounts && version < 3)
     throw invalidArgument(`Lazy refcounts only supported with compatibility level 1.1 and above ${v3}`);
-  if (
-    !Number.isInteger(refcountBits) ||
-    refcountBits < 1 ||
-    refcountBits > 64 ||
-    (refcountBits & (refcountBits - 1)) !== 0
-  ) {
-    throw invalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
-  }
+  checkRefcountBits(refcountBits);
   if (version < 3 && refcountBits !== 16) {
     throw invalidArgument(`Different refcount widths than 16 bits require compatibility level 1.1 or above ${v3}`);
   }

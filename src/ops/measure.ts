@@ -8,6 +8,7 @@ import { invalidArgument } from "../errors.js";
 import { AUTOCLEAR_BITMAPS, MAX_L1_BYTES } from "../format/header.js";
 import type { BlockDevice } from "../image/block-device.js";
 import { Qcow2Image } from "../image/qcow2.js";
+import { checkClusterSize, checkRefcountBits } from "./create.js";
 
 const PREALLOCATION_MODES = ["off", "metadata", "falloc", "full"];
 
@@ -48,26 +49,13 @@ export async function measure(opts: MeasureOptions, source?: BlockDevice): Promi
   }
   const extendedL2 = opts.extendedL2 ?? false;
   const clusterSize = opts.clusterSize ?? 65536;
-  if (
-    !Number.isInteger(clusterSize) ||
-    clusterSize < 512 ||
-    clusterSize > 2 * 1024 * 1024 ||
-    (clusterSize & (clusterSize - 1)) !== 0
-  ) {
-    throw invalidArgument("Cluster size must be a power of two between 512 and 2048k");
-  }
+  checkClusterSize(clusterSize);
   if (extendedL2 && clusterSize < 16384)
     throw invalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
   const version = opts.compat === undefined || opts.compat === "1.1" ? 3 : opts.compat === "0.10" ? 2 : undefined;
   if (version === undefined) throw invalidArgument(`Invalid compatibility level: '${opts.compat}'`);
   const refcountBits = opts.refcountBits ?? 16;
-  if (
-    !Number.isInteger(refcountBits) ||
-    refcountBits < 1 ||
-    refcountBits > 64 ||
-    (refcountBits & (refcountBits - 1)) !== 0
-  )
-    throw invalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
+  checkRefcountBits(refcountBits);
   if (version < 3 && refcountBits !== 16) {
     throw invalidArgument(
       "Different refcount widths than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)",
