@@ -12,6 +12,7 @@
  * Requests that change the mapping of a guest cluster hold a lock on it (allocation
  * dependencies); overwrites of clusters this image owns go straight to their host cluster.
  */
+
 import { corrupt, QcowError, unsupported } from "../errors.js";
 import { setU64, textEncoder, view } from "../format/bytes.js";
 import {
@@ -23,6 +24,7 @@ import {
   INCOMPAT_DIRTY,
   MAX_BACKING_NAME,
 } from "../format/header.js";
+import { snapshotTableSize } from "../format/snapshot.js";
 import {
   ClusterType,
   encodeCompressed,
@@ -54,6 +56,15 @@ export interface MetadataAccess {
   writeBack(): Promise<void>;
   /** The active L1 entry `index` changed in memory (img.l1 / img.l1Copied): write it back. */
   markL1Dirty(index: number): void;
+}
+
+/**
+ * Marks a promise that is awaited later (after other awaits) as handled now, so that a failure
+ * in between is not reported as an unhandled rejection; whoever awaits it still sees the error.
+ */
+function handled<T>(p: Promise<T>): Promise<T> {
+  p.catch(() => {});
+  return p;
 }
 
 export class Qcow2Writer {
@@ -202,6 +213,7 @@ export class Qcow2Writer {
     const old = img.l1[l1Index];
     if (old !== 0 && img.l1Copied[l1Index]) return old;
     const offset = await this.refcounts.allocate(1, this.tableMoved);
+    this.checkOverlap([offset]);
     const table = new Uint8Array(this.cs);
     if (old !== 0) {
       const src = await img.loadL2(old);
@@ -279,7 +291,7 @@ export class Qcow2Writer {
             if (!this.ownsData(ne, ngc, runEnd, nEnd) || (ne as L2Entry).hostOffset !== host + (runEnd - pos)) break;
             runEnd = nEnd;
           }
-          jobs.push(this.writeInPlace(src.subarray(pos - offset, runEnd - offset), host));
+          jobs.push(handled(this.writeInPlace(src.subarray(pos - offset, runEnd - offset), host)));
         } else {
           let count = 1;
           const tableEnd = (Math.floor(gc / this.img.l2Entries) + 1) * this.img.l2Entries * cs;
@@ -292,7 +304,7 @@ export class Qcow2Writer {
           }
           let allocated!: () => void;
           allocations.push(new Promise<void>((r) => (allocated = r)));
-          jobs.push(this.allocatingWrite(src.subarray(pos - offset, runEnd - offset), pos, turn, allocated));
+          jobs.push(handled(this.allocatingWrite(src.subarray(pos - offset, runEnd - offset), pos, turn, allocated)));
         }
         pos = runEnd;
       }
@@ -478,7 +490,40 @@ export class Qcow2Writer {
       for (let i = 0; i < keep.length; i++) if (!keep[i]) out.push((c0 + i) * this.cs);
       return out;
     }
-    return this.refcounts.allocateMany(keep.filter((k) => !k).length, this.tableMoved);
+    const offsets = await this.refcounts.allocateMany(keep.filter((k) => !k).length, this.tableMoved);
+    this.checkOverlap(offsets);
+    return offsets;
+  }
+
+  /**
+   * QEMU's metadata overlap check (its default "cached" mode): clusters just allocated must not
+   * hold live metadata — header, L1 tables, active L2 tables, refcount table and blocks, snapshot
+   * table, bitmap directory. They can only when the refcounts are wrong (a damaged image); then
+   * the write is refused and the image marked corrupt, instead of a table being overwritten.
+   */
+  private checkOverlap(offsets: number[]): void {
+    const img = this.img;
+    const h = img.header;
+    const cs = this.cs;
+    const targets = new Set(offsets.map((o) => Math.floor(o / cs)));
+    const refuse = (kind: string): never => {
+      throw corrupt(`Preventing invalid write on metadata (overlaps with ${kind})`);
+    };
+    const range = (offset: number, length: number, kind: string): void => {
+      if (length <= 0) return;
+      for (const c of targets) if (c * cs < offset + length && (c + 1) * cs > offset) refuse(kind);
+    };
+    range(0, cs, "qcow2_header");
+    range(h.l1TableOffset, h.l1Size * 8, "active L1 table");
+    range(this.refcounts.tableOffset, this.refcounts.tableClusters * cs, "refcount table");
+    if (img.snapshots.length > 0) range(h.snapshotsOffset, snapshotTableSize(img.snapshots), "snapshot table");
+    for (const sn of img.snapshots) range(sn.l1TableOffset, sn.l1Size * 8, "inactive L1 table");
+    const bm = img.extensions.bitmaps;
+    if (bm) range(bm.directoryOffset, bm.directorySize, "bitmap directory");
+    for (let i = 0; i < img.l1.length; i++) {
+      if (img.l1[i] !== 0 && targets.has(img.l1[i] / cs)) refuse("active L2 table");
+    }
+    for (const b of this.refcounts.blockOffsets()) if (targets.has(b / cs)) refuse("refcount block");
   }
 
   // ---- zeroes and discard ----------------------------------------------------------------

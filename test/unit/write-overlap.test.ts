@@ -1,0 +1,46 @@
+/**
+ * Metadata overlap protection (QEMU's qcow2_pre_write_overlap_check): on an image whose
+ * refcounts wrongly call a table free, a write that would be given that cluster is refused and
+ * the image marked corrupt; the table is not overwritten.
+ */
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import { view } from "../../src/format/bytes.js";
+import { Qcow2Image } from "../../src/image/qcow2.js";
+import { MemoryStorage } from "../../src/io/memory.js";
+import { buildImage, pattern } from "./build-image.js";
+
+const CS = 4096;
+
+for (const [kind, find] of [
+  [
+    "active L2 table",
+    (b: Uint8Array) => Number(view(b).getBigUint64(Number(view(b).getBigUint64(40))) & 0xffffffffffffen),
+  ],
+  ["active L1 table", (b: Uint8Array) => Number(view(b).getBigUint64(40))],
+] as const) {
+  test(`a write given the cluster of the ${kind} is refused and the image marked corrupt`, async () => {
+    const built = buildImage({
+      size: 1024 * 1024,
+      clusterBits: 12,
+      clusters: [{ guestCluster: 0, kind: "data", data: pattern(CS, 1) }],
+    });
+    const bytes = built.bytes.slice();
+    const target = find(bytes);
+    // Refcount of the target cluster (16-bit, first refcount block) set to 0: "free".
+    const rb = Number(view(bytes).getBigUint64(Number(view(bytes).getBigUint64(48))));
+    view(bytes).setUint16(rb + 2 * (target / CS), 0);
+    const storage = new MemoryStorage(bytes);
+    const tableBefore = storage.bytes().slice(target, target + CS);
+    const img = await Qcow2Image.open(storage, { readOnly: false });
+    await assert.rejects(img.write(new Uint8Array(CS).fill(9), 200 * CS), (e: unknown) => {
+      assert.match(String(e), new RegExp(`Preventing invalid write on metadata \\(overlaps with ${kind}\\)`));
+      return true;
+    });
+    await assert.rejects(img.write(new Uint8Array(CS), 0), /corrupt/);
+    await img.close();
+    const after = storage.bytes();
+    assert.deepEqual(after.slice(target, target + CS), tableBefore, `${kind} was overwritten`);
+    assert.equal(view(after).getBigUint64(72) & 2n, 2n, "corrupt bit");
+  });
+}
