@@ -32,8 +32,9 @@ import {
   type Qcow2Header,
 } from "../format/header.js";
 import { type Snapshot, snapshotTableSize } from "../format/snapshot.js";
-import { getRefcount, maxRefcount, setRefcount } from "../format/tables.js";
+import { getRefcount, maxRefcount, OFLAG_COMPRESSED_HI, OFLAG_COPIED_HI, setRefcount } from "../format/tables.js";
 import type { Storage } from "../io/storage.js";
+import { type MetadataLayout, overlappingMetadata } from "./overlap.js";
 import { Qcow2Image, readBitmapDirectory, readSnapshotTable } from "./qcow2.js";
 
 /** What a check may repair (QEMU's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS). */
@@ -83,8 +84,8 @@ const OFFSET_HI = 0x00ff_ffff; // bits 32-55 of L1E/L2E_OFFSET_MASK
 const OFFSET_LO = 0xffff_fe00;
 const L2_STD_RESERVED_HI = 0x3f00_0000;
 const L2_STD_RESERVED_LO = 0x1fe;
-const COPIED_HI = 0x8000_0000;
-const COMPRESSED_HI = 0x4000_0000;
+const COPIED_HI = OFLAG_COPIED_HI;
+const COMPRESSED_HI = OFLAG_COMPRESSED_HI;
 const REFT_RESERVED_LO = 0x1ff;
 
 const hex64 = (hi: number, lo: number): string =>
@@ -403,7 +404,7 @@ class Checker {
     l1Size: number,
     flags: number,
     fix: number,
-    activeL2?: Set<number>,
+    activeL2?: number[],
   ): Promise<void> {
     this.inc(refs, l1Offset, l1Size * 8);
     if (l1Size === 0) return;
@@ -425,7 +426,7 @@ class Checker {
         this.log(`ERROR l2_offset=${l2Offset.toString(16)}: Table is not cluster aligned; L1 entry corrupted`);
         this.res.corruptions++;
       }
-      activeL2?.add(Math.floor(l2Offset / this.cs));
+      activeL2?.push(l2Offset);
       await this.checkL2(refs, table, l2Offset, flags, fix);
     });
   }
@@ -469,7 +470,7 @@ class Checker {
   }
 
   /** Counts every reference of the image into a fresh array (calculate_refcounts). */
-  async calculate(fix: number, activeL2?: Set<number>): Promise<{ refs: ReferenceArray; rebuild: boolean }> {
+  async calculate(fix: number, activeL2?: number[]): Promise<{ refs: ReferenceArray; rebuild: boolean }> {
     const refs = new ReferenceArray(Math.ceil(this.fileSize / this.cs), this.refcountMax);
     const h = this.h;
     this.inc(refs, 0, this.cs);
@@ -628,7 +629,7 @@ class Checker {
   }
 
   /** Active L1/L2 entries: COPIED set exactly when the refcount is one (check_oflag_copied). */
-  async checkCopied(fix: number, metadata: Map<number, string[]>): Promise<void> {
+  async checkCopied(fix: number, metadata: MetadataLayout): Promise<void> {
     const h = this.h;
     const res = this.res;
     // -r leaks repairs COPIED flags too when the refcounts they follow are known to be right.
@@ -701,8 +702,8 @@ class Checker {
    * QEMU's metadata overlap check for repair writes: a table written where other metadata
    * lives would destroy it, so the repair stops and reports the overlap instead.
    */
-  private guardWrite(metadata: Map<number, string[]>, offset: number, kind: string): void {
-    const other = metadata.get(Math.floor(offset / this.cs))?.find((k) => k !== kind);
+  private guardWrite(metadata: MetadataLayout, offset: number, kind: string): void {
+    const other = overlappingMetadata(metadata, new Set([Math.floor(offset / this.cs)]), kind);
     if (other !== undefined) {
       throw new OverlapError(
         `qcow2: Marking image as corrupt: Preventing invalid write on metadata (overlaps with ${other}); further corruption events will be suppressed`,
@@ -710,32 +711,25 @@ class Checker {
     }
   }
 
-  /** Which cluster holds which metadata, for the overlap check of repair writes. */
-  metadataMap(activeL2: Set<number>): Map<number, string[]> {
-    const m = new Map<number, string[]>();
-    const cs = this.cs;
-    const put = (c: number, kind: string): void => {
-      const kinds = m.get(c);
-      if (!kinds) m.set(c, [kind]);
-      else if (!kinds.includes(kind)) kinds.push(kind);
-    };
-    const add = (offset: number, length: number, kind: string): void => {
-      // Only what lies in the file can be overwritten (and past 2^53 offsets are not exact).
-      if (length <= 0 || offset >= this.fileSize) return;
-      for (let c = Math.floor(offset / cs); c <= Math.floor((offset + length - 1) / cs); c++) put(c, kind);
-    };
-    add(0, cs, "qcow2_header");
-    add(this.h.l1TableOffset, this.h.l1Size * 8, "active L1 table");
-    add(this.h.refcountTableOffset, this.h.refcountTableClusters * cs, "refcount table");
-    if (this.snapshots.length > 0) add(this.h.snapshotsOffset, snapshotTableSize(this.snapshots), "snapshot table");
-    for (const sn of this.snapshots) add(sn.l1TableOffset, sn.l1Size * 8, "inactive L1 table");
-    for (const c of activeL2) put(c, "active L2 table");
+  /** What the overlap check of repair writes compares with (the layout as found). */
+  metadataLayout(activeL2: number[]): MetadataLayout {
+    const blocks: number[] = [];
     for (let t = 0; t < this.disk.entries; t++) {
       const o = this.disk.blockOffset(t);
-      if (o !== 0 && o % cs === 0) add(o, cs, "refcount block");
+      if (o % this.cs === 0 && o < this.fileSize) blocks.push(o);
     }
-    if (this.ext.bitmaps) add(this.ext.bitmaps.directoryOffset, this.ext.bitmaps.directorySize, "bitmap directory");
-    return m;
+    return {
+      clusterSize: this.cs,
+      l1TableOffset: this.h.l1TableOffset,
+      l1Size: this.h.l1Size,
+      refcountTableOffset: this.h.refcountTableOffset,
+      refcountTableClusters: this.h.refcountTableClusters,
+      snapshotsOffset: this.h.snapshotsOffset,
+      snapshots: this.snapshots,
+      bitmapDirectory: this.ext.bitmaps,
+      l2Tables: activeL2,
+      refcountBlocks: blocks,
+    };
   }
 }
 
@@ -763,7 +757,7 @@ export async function checkQcow2(storage: Storage, opts: CheckOptions = {}): Pro
   const res = c.res;
   res.totalClusters = Math.ceil(header.size / c.cs);
 
-  const activeL2 = new Set<number>();
+  const activeL2: number[] = [];
   const first = await c.calculate(fix, activeL2);
   let refs = first.refs;
   let rebuild = first.rebuild;
@@ -810,7 +804,7 @@ export async function checkQcow2(storage: Storage, opts: CheckOptions = {}): Pro
   const result = c.res;
   if (fix) await storage.flush();
   try {
-    await c.checkCopied(fix, c.metadataMap(activeL2));
+    await c.checkCopied(fix, c.metadataLayout(activeL2));
   } catch (e) {
     if (!(e instanceof OverlapError)) throw e;
     log(e.message);

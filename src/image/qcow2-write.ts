@@ -24,7 +24,6 @@ import {
   INCOMPAT_DIRTY,
   MAX_BACKING_NAME,
 } from "../format/header.js";
-import { snapshotTableSize } from "../format/snapshot.js";
 import {
   ClusterType,
   encodeCompressed,
@@ -36,6 +35,7 @@ import {
 import { readFull } from "../io/storage.js";
 import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks, Turns } from "./lock.js";
+import { overlappingMetadata } from "./overlap.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts, type TableMoved } from "./refcount.js";
 import { rebuildRefcounts } from "./repair.js";
@@ -504,26 +504,22 @@ export class Qcow2Writer {
   private checkOverlap(offsets: number[]): void {
     const img = this.img;
     const h = img.header;
-    const cs = this.cs;
-    const targets = new Set(offsets.map((o) => Math.floor(o / cs)));
-    const refuse = (kind: string): never => {
-      throw corrupt(`Preventing invalid write on metadata (overlaps with ${kind})`);
-    };
-    const range = (offset: number, length: number, kind: string): void => {
-      if (length <= 0) return;
-      for (const c of targets) if (c * cs < offset + length && (c + 1) * cs > offset) refuse(kind);
-    };
-    range(0, cs, "qcow2_header");
-    range(h.l1TableOffset, h.l1Size * 8, "active L1 table");
-    range(this.refcounts.tableOffset, this.refcounts.tableClusters * cs, "refcount table");
-    if (img.snapshots.length > 0) range(h.snapshotsOffset, snapshotTableSize(img.snapshots), "snapshot table");
-    for (const sn of img.snapshots) range(sn.l1TableOffset, sn.l1Size * 8, "inactive L1 table");
-    const bm = img.extensions.bitmaps;
-    if (bm) range(bm.directoryOffset, bm.directorySize, "bitmap directory");
-    for (let i = 0; i < img.l1.length; i++) {
-      if (img.l1[i] !== 0 && targets.has(img.l1[i] / cs)) refuse("active L2 table");
-    }
-    for (const b of this.refcounts.blockOffsets()) if (targets.has(b / cs)) refuse("refcount block");
+    const kind = overlappingMetadata(
+      {
+        clusterSize: this.cs,
+        l1TableOffset: h.l1TableOffset,
+        l1Size: h.l1Size,
+        refcountTableOffset: this.refcounts.tableOffset,
+        refcountTableClusters: this.refcounts.tableClusters,
+        snapshotsOffset: h.snapshotsOffset,
+        snapshots: img.snapshots,
+        bitmapDirectory: img.extensions.bitmaps,
+        l2Tables: img.l1,
+        refcountBlocks: this.refcounts.blockOffsets(),
+      },
+      new Set(offsets.map((o) => Math.floor(o / this.cs))),
+    );
+    if (kind !== undefined) throw corrupt(`Preventing invalid write on metadata (overlaps with ${kind})`);
   }
 
   // ---- zeroes and discard ----------------------------------------------------------------

@@ -131,7 +131,11 @@ export class FileStorage implements Storage {
   }
 }
 
+/** strerror's words for the system errors a user meets, as qemu-img prints them. */
 const REASONS: Record<string, string> = {
+  ENOENT: "No such file or directory",
+  EACCES: "Permission denied",
+  EISDIR: "Is a directory",
   ENOSPC: "No space left on device",
   EFBIG: "File too large",
   EIO: "Input/output error",
@@ -153,13 +157,6 @@ function failed(e: unknown, what: string, name: string, offset?: number): QcowEr
 /** Turns a Node system error into a QcowError that names the file, as qemu-img words it. */
 export function ioError(e: unknown, path: string): QcowError {
   const err = e as NodeJS.ErrnoException;
-  const reason =
-    err.code === "ENOENT"
-      ? "No such file or directory"
-      : err.code === "EACCES"
-        ? "Permission denied"
-        : err.code === "EISDIR"
-          ? "Is a directory"
-          : (err.message ?? String(e));
+  const reason = (err.code && REASONS[err.code]) ?? err.message ?? String(e);
   return new QcowError(err.code === "ENOENT" ? "not-found" : "io", `Could not open '${path}': ${reason}`, { cause: e });
 }

@@ -37,6 +37,16 @@ export interface NbdServerOptions {
 }
 
 const MAX_INFLIGHT = 64;
+/** The flags each command may carry besides FUA (valid on every command; it only matters for writes). */
+const COMMAND_FLAGS: Record<number, number> = {
+  [P.CMD_READ]: P.CMD_FLAG_DF,
+  [P.CMD_WRITE]: 0,
+  [P.CMD_FLUSH]: 0,
+  [P.CMD_TRIM]: 0,
+  [P.CMD_CACHE]: 0,
+  [P.CMD_WRITE_ZEROES]: P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
+  [P.CMD_BLOCK_STATUS]: P.CMD_FLAG_REQ_ONE,
+};
 const KNOWN_OPTIONS = new Set([
   P.OPT_EXPORT_NAME,
   P.OPT_ABORT,
@@ -483,17 +493,7 @@ class Connection {
   /** The protocol's checks of a request: [errno, message] when it must be refused. */
   private validate(req: P.Request): [number, string] | undefined {
     const size = this.exp.device.size;
-    // FUA is valid on every command (it only changes anything for writes).
-    const allowed: Record<number, number> = {
-      [P.CMD_READ]: P.CMD_FLAG_DF,
-      [P.CMD_WRITE]: 0,
-      [P.CMD_FLUSH]: 0,
-      [P.CMD_TRIM]: 0,
-      [P.CMD_CACHE]: 0,
-      [P.CMD_WRITE_ZEROES]: P.CMD_FLAG_NO_HOLE | P.CMD_FLAG_FAST_ZERO,
-      [P.CMD_BLOCK_STATUS]: P.CMD_FLAG_REQ_ONE,
-    };
-    const flagsAllowed = allowed[req.type];
+    const flagsAllowed = COMMAND_FLAGS[req.type];
     const mask = flagsAllowed === undefined ? undefined : flagsAllowed | P.CMD_FLAG_FUA;
     if (mask === undefined) return [P.EINVAL, `unsupported command ${req.type}`];
     if (req.flags & ~mask) return [P.EINVAL, `unsupported flags 0x${req.flags.toString(16)}`];

@@ -1,0 +1,59 @@
+/**
+ * QEMU's metadata overlap check (qcow2_check_metadata_overlap, its "cached" mode): which live
+ * metadata, if any, lies in the clusters about to be written. Used by the write path for newly
+ * allocated clusters and by check's repairs before they rewrite a table.
+ */
+import { type Snapshot, snapshotTableSize } from "../format/snapshot.js";
+
+export interface MetadataLayout {
+  clusterSize: number;
+  l1TableOffset: number;
+  l1Size: number;
+  refcountTableOffset: number;
+  refcountTableClusters: number;
+  snapshotsOffset: number;
+  snapshots: Snapshot[];
+  bitmapDirectory?: { directoryOffset: number; directorySize: number };
+  /** Offsets of the active L2 tables (0 entries are skipped). */
+  l2Tables: ArrayLike<number>;
+  /** Offsets of the refcount blocks (0 entries are skipped). */
+  refcountBlocks: ArrayLike<number>;
+}
+
+/**
+ * The kind of metadata (in QEMU's words) found in any of the `targets` clusters, other than
+ * `ignore` (the kind being rewritten), or undefined.
+ */
+export function overlappingMetadata(
+  m: MetadataLayout,
+  targets: ReadonlySet<number>,
+  ignore?: string,
+): string | undefined {
+  const cs = m.clusterSize;
+  const ranges: [number, number, string][] = [
+    [0, cs, "qcow2_header"],
+    [m.l1TableOffset, m.l1Size * 8, "active L1 table"],
+    [m.refcountTableOffset, m.refcountTableClusters * cs, "refcount table"],
+  ];
+  if (m.snapshots.length > 0) ranges.push([m.snapshotsOffset, snapshotTableSize(m.snapshots), "snapshot table"]);
+  for (const sn of m.snapshots) ranges.push([sn.l1TableOffset, sn.l1Size * 8, "inactive L1 table"]);
+  if (m.bitmapDirectory) {
+    ranges.push([m.bitmapDirectory.directoryOffset, m.bitmapDirectory.directorySize, "bitmap directory"]);
+  }
+  for (const [offset, length, kind] of ranges) {
+    if (length <= 0 || kind === ignore) continue;
+    for (const c of targets) if (c * cs < offset + length && (c + 1) * cs > offset) return kind;
+  }
+  const tables: [ArrayLike<number>, string][] = [
+    [m.l2Tables, "active L2 table"],
+    [m.refcountBlocks, "refcount block"],
+  ];
+  for (const [offsets, kind] of tables) {
+    if (kind === ignore) continue;
+    for (let i = 0; i < offsets.length; i++) {
+      const o = offsets[i];
+      if (o !== 0 && targets.has(Math.floor(o / cs))) return kind;
+    }
+  }
+  return undefined;
+}
