@@ -23,6 +23,7 @@ import {
   INCOMPAT_CORRUPT,
   INCOMPAT_DIRTY,
   MAX_BACKING_NAME,
+  type Qcow2Header,
 } from "../format/header.js";
 import {
   ClusterType,
@@ -78,6 +79,8 @@ export class Qcow2Writer {
   /** Data reads and in-place writes in flight: released clusters are not freed while any run. */
   private inflight = 0;
   private closed = false;
+  /** The header as last written: a failed header write puts memory back to it. */
+  private durableHeader: Qcow2Header;
   /** Set once an inconsistency was found: the image is marked corrupt and writes stop. */
   private corruption: string | undefined;
   /** Enabled persistent bitmaps, kept in step with writes. */
@@ -88,6 +91,7 @@ export class Qcow2Writer {
     readonly refcounts: Refcounts,
   ) {
     this.cs = img.clusterSize;
+    this.durableHeader = { ...img.header };
   }
 
   /** Prepares an image opened read-write: clears unknown autoclear bits, loads refcounts. */
@@ -161,11 +165,21 @@ export class Qcow2Writer {
     for (let i = 0; i < n; i++) this.refcounts.release(offset / this.cs + i);
   }
 
-  /** Rewrites the first cluster from the header fields (extensions kept) and flushes. */
+  /**
+   * Rewrites the first cluster from the header fields (extensions kept) and flushes. Callers
+   * change the fields first; if the write fails, every field goes back to what the disk last
+   * had, so that no later header write carries a change whose other half never happened.
+   */
   async writeHeader(): Promise<void> {
     const img = this.img;
-    await img.storage.write(encodeHeader(img.header, img.extensions, img.backingName), 0);
-    await img.storage.flush();
+    try {
+      await img.storage.write(encodeHeader(img.header, img.extensions, img.backingName), 0);
+      await img.storage.flush();
+    } catch (e) {
+      Object.assign(img.header, this.durableHeader);
+      throw e;
+    }
+    this.durableHeader = { ...img.header };
   }
 
   private readonly tableMoved = async (offset: number, clusters: number): Promise<void> => {
@@ -989,7 +1003,7 @@ export class Qcow2Writer {
   private async writeL1Entries(): Promise<void> {
     const img = this.img;
     const indexes = [...this.l1Dirty].sort((a, b) => a - b);
-    this.l1Dirty.clear();
+    // An entry stays dirty until its write succeeded: a failed write is retried by the next flush.
     for (let i = 0; i < indexes.length; ) {
       let j = i + 1;
       while (j < indexes.length && indexes[j] === indexes[j - 1] + 1) j++;
@@ -1001,6 +1015,7 @@ export class Qcow2Writer {
         dv.setUint32((k - i) * 8 + 4, lo);
       }
       await img.storage.write(buf, img.header.l1TableOffset + indexes[i] * 8);
+      for (let k = i; k < j; k++) this.l1Dirty.delete(indexes[k]);
       i = j;
     }
   }

@@ -328,11 +328,12 @@ export class Refcounts {
     }
   }
 
+  /** Writes a refcount table entry; memory follows only once the disk has it. */
   private async writeTableEntry(t: number, offset: number): Promise<void> {
-    this.table[t] = offset;
     const e = new Uint8Array(8);
     setU64(view(e), 0, offset);
     await this.storage.write(e, this.tableOffset + t * 8);
+    this.table[t] = offset;
   }
 
   private async growTable(minEntries: number, onTableMoved: TableMoved): Promise<void> {
@@ -374,12 +375,14 @@ export class Refcounts {
     }
     await this.storage.write(bytes, tableOffset);
     await this.storage.flush();
+    // The header switches to the new table; if that fails, nothing refers to the new structures
+    // and memory keeps the old ones.
+    await onTableMoved(tableOffset, clusters);
     const oldOffset = this.tableOffset;
     const oldClusters = this.tableClusters;
     this.table = table;
     this.tableOffset = tableOffset;
     this.tableClusters = clusters;
-    await onTableMoved(tableOffset, clusters);
     for (let i = 0; i < oldClusters; i++) this.release(oldOffset / cs + i);
   }
 }

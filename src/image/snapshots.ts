@@ -127,23 +127,43 @@ export async function createSnapshot(
       sn.l1TableOffset = await allocate(m, clustersFor(sn.l1Size * 8, cs));
       await img.storage.write(encodeL1(img.l1, img.l1Copied), sn.l1TableOffset);
     }
-    // One more reference to everything the active layer reaches; its COPIED flags all clear.
-    let copied: Uint8Array;
+    // Every active COPIED flag goes, durably, before any refcount rises: a crash in between
+    // leaves clusters of refcount 1 without the flag, which costs one copy on the next write
+    // (qemu-img check reports it, -r all clears it). The other order could leave a shared
+    // cluster flagged as the active layer's own, to be overwritten in place.
+    await clearActiveCopied(img, m);
+    await m.writeBack();
+    let switched = false;
     try {
-      copied = await updateReferences(img, m, img.l1, 1);
-    } catch (e) {
-      await freeRange(m, sn.l1TableOffset, sn.l1Size * 8, cs);
+      // One more reference to everything the active layer reaches, durable before the table.
+      await updateReferences(img, m, img.l1, 1);
       await m.writeBack();
+      const snapshots = [...img.snapshots, sn];
+      await switchSnapshotTable(img, w, m, snapshots, encodeTable(img, snapshots), () => {
+        switched = true;
+        img.snapshots.push(sn);
+      });
+    } catch (e) {
+      // Not created: the references and flags go back to what they were (as far as the disk
+      // lets us; what it refuses stays a leak or a harmless missing COPIED flag).
+      if (!switched) await restoreActive(img, m, sn, e);
       throw e;
     }
-    setActiveCopied(img, m, copied);
-    // Refcounts, then L2 tables, then the active L1 entries, each flushed.
-    await m.writeBack();
-    const snapshots = [...img.snapshots, sn];
-    await switchSnapshotTable(img, w, m, snapshots, encodeTable(img, snapshots));
-    img.snapshots.push(sn);
     return sn;
   });
+}
+
+/** Undoes a snapshot creation that failed before its table was switched (best effort). */
+async function restoreActive(img: Qcow2Image, m: MetadataAccess, sn: Snapshot, cause: unknown): Promise<void> {
+  try {
+    // updateReferences undid its own increments when it failed part-way; otherwise drop them.
+    if (!(cause instanceof SnapshotError && cause.errno === 22)) await updateReferences(img, m, img.l1, -1);
+    setActiveCopied(img, m, await updateReferences(img, m, img.l1, 0));
+    if (sn.l1Size > 0) await freeRange(m, sn.l1TableOffset, sn.l1Size * 8, img.clusterSize);
+    await m.writeBack();
+  } catch {
+    // The original error is what the caller hears about.
+  }
 }
 
 /**
@@ -207,14 +227,17 @@ export async function deleteSnapshot(img: Qcow2Image, ref: SnapshotRef): Promise
   return w.exclusive(async (m) => {
     const cs = img.clusterSize;
     const snL1 = await readSnapshotL1(img, sn);
-    await switchSnapshotTable(img, w, m, rest, table);
-    img.snapshots.splice(index, 1);
-    // The entry is gone on disk: from here a failure only leaks clusters.
-    await updateReferences(img, m, snL1, -1);
-    await freeRange(m, sn.l1TableOffset, sn.l1Size * 8, cs);
-    const copied = await updateReferences(img, m, img.l1, 0);
-    setActiveCopied(img, m, copied);
-    await m.writeBack();
+    await switchSnapshotTable(img, w, m, rest, table, () => img.snapshots.splice(index, 1));
+    // The entry is gone on disk: from here a failure only leaks clusters. COPIED flags are set
+    // again where refcounts came back to 1, after the decrements (write-back puts refcounts
+    // first): a crash in between leaves flags missing, never one too many.
+    try {
+      await updateReferences(img, m, snL1, -1);
+      await freeRange(m, sn.l1TableOffset, sn.l1Size * 8, cs);
+    } finally {
+      setActiveCopied(img, m, await updateReferences(img, m, img.l1, 0));
+      await m.writeBack();
+    }
     return sn;
   });
 }
@@ -286,6 +309,30 @@ async function readSnapshotL1(img: Qcow2Image, sn: Snapshot): Promise<Float64Arr
   for (let i = 0; i < sn.l1Size; i++)
     l1[i] = decodeL1Entry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), cs, i).l2Offset;
   return l1;
+}
+
+/** Clears every COPIED flag of the active layer in memory (L1 entries and L2 entries). */
+async function clearActiveCopied(img: Qcow2Image, m: MetadataAccess): Promise<void> {
+  for (let i = 0; i < img.l1.length; i++) {
+    const l2Offset = img.l1[i];
+    if (l2Offset === 0) continue;
+    const table = await img.loadL2(l2Offset);
+    let dirty = false;
+    for (let j = 0; j < img.l2Entries; j++) {
+      const at = j * img.l2EntryBytes;
+      const hi = table.getUint32(at);
+      if (hi & OFLAG_COPIED_HI) {
+        table.setUint32(at, (hi & ~OFLAG_COPIED_HI) >>> 0);
+        dirty = true;
+      }
+    }
+    if (dirty) img.l2Cache.markDirty(l2Offset, table);
+    if (img.l1Copied[i]) {
+      img.l1Copied[i] = 0;
+      m.markL1Dirty(i);
+    }
+    if (img.l2Cache.overBudget) await m.writeBack();
+  }
 }
 
 /** New COPIED flags for the active L1 entries, marked for write-back where they changed. */
@@ -401,6 +448,7 @@ async function switchSnapshotTable(
   m: MetadataAccess,
   snapshots: Snapshot[],
   table: Uint8Array,
+  switched: () => void,
 ): Promise<void> {
   const cs = img.clusterSize;
   const h = img.header;
@@ -414,6 +462,7 @@ async function switchSnapshotTable(
   h.nbSnapshots = snapshots.length;
   h.snapshotsOffset = offset;
   await w.writeHeader();
+  switched();
   await freeRange(m, old.offset, old.bytes, cs);
   await m.writeBack();
 }
