@@ -1,9 +1,12 @@
 /*
- * lseek(SEEK_DATA / SEEK_HOLE) for Node.js, which has no binding for them: the only way to
- * tell a file's holes from its data the way QEMU's file-posix driver does.
+ * What Node.js has no binding for, and QEMU's file-posix driver uses:
+ *  - lseek(SEEK_DATA / SEEK_HOLE), the only way to tell a file's holes from its data;
+ *  - open file description byte-range locks (F_OFD_SETLK / F_OFD_GETLK), on which QEMU's image
+ *    locking rests, so that qcowkit and QEMU see each other's locks.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <node_api.h>
 #include <string.h>
 #include <unistd.h>
@@ -35,9 +38,46 @@ static napi_value Seek(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * lock(fd, start, len, op) -> 0 or errno. op: 0 unlock, 1 shared lock, 2 exclusive lock,
+ * 3 test for a shared lock, 4 test for an exclusive lock (EAGAIN when another open file
+ * description holds a conflicting lock). Never blocks.
+ */
+static napi_value Lock(napi_env env, napi_callback_info info) {
+  size_t argc = 4;
+  napi_value argv[4];
+  int32_t fd, op;
+  double start, len;
+  napi_value result;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 4 ||
+      napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_double(env, argv[1], &start) != napi_ok ||
+      napi_get_value_double(env, argv[2], &len) != napi_ok ||
+      napi_get_value_int32(env, argv[3], &op) != napi_ok || op < 0 || op > 4) {
+    napi_throw_type_error(env, NULL, "lock(fd, start, len, 0 unlock | 1 shared | 2 exclusive | 3 test shared | 4 test exclusive)");
+    return NULL;
+  }
+  struct flock fl;
+  memset(&fl, 0, sizeof fl);
+  fl.l_whence = SEEK_SET;
+  fl.l_start = (off_t)start;
+  fl.l_len = (off_t)len;
+  fl.l_type = op == 0 ? F_UNLCK : (op == 1 || op == 3) ? F_RDLCK : F_WRLCK;
+  int err = 0;
+  if (fcntl(fd, op >= 3 ? F_OFD_GETLK : F_OFD_SETLK, &fl) == -1) {
+    err = errno;
+  } else if (op >= 3 && fl.l_type != F_UNLCK) {
+    err = EAGAIN;
+  }
+  napi_create_int32(env, err, &result);
+  return result;
+}
+
 NAPI_MODULE_INIT() {
   napi_value fn;
   napi_create_function(env, "seek", NAPI_AUTO_LENGTH, Seek, NULL, &fn);
   napi_set_named_property(env, exports, "seek", fn);
+  napi_create_function(env, "lock", NAPI_AUTO_LENGTH, Lock, NULL, &fn);
+  napi_set_named_property(env, exports, "lock", fn);
   return exports;
 }

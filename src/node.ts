@@ -4,6 +4,7 @@
  */
 import { realpath } from "node:fs/promises";
 import { nodeCodecs } from "./codec/node.js";
+import { QcowError } from "./errors.js";
 import { type Image, type OpenImageOptions, openImage, type StorageOpener } from "./image/open.js";
 import { FileStorage } from "./io/file.js";
 
@@ -36,14 +37,25 @@ export const unsafeFileOpener: StorageOpener = {
   open: (name, { readOnly }) => FileStorage.open(name, { readOnly, unsafe: true }),
 };
 
+/** A file opener whose read-only files share every permission (qemu-img's -U, force-share). */
+export const sharedFileOpener: StorageOpener = {
+  ...fileOpener,
+  open: (name, { readOnly }) => FileStorage.open(name, { readOnly, locking: readOnly ? "shared" : "write" }),
+};
+
 /**
  * Opens an image file (and its backing chain) with Node's file system and codecs.
  * `cache: "unsafe"` skips syncing to disk on flush, as qemu-img's convert does by default.
+ * `forceShare` (qemu-img's -U) opens read-only files even while another process writes them.
  */
 export function openImageFile(
   path: string,
-  opts: Partial<OpenImageOptions> & { cache?: "unsafe" | "writeback" } = {},
+  opts: Partial<OpenImageOptions> & { cache?: "unsafe" | "writeback"; forceShare?: boolean } = {},
 ): Promise<Image> {
-  const { cache, ...rest } = opts;
-  return openImage(path, { opener: cache === "unsafe" ? unsafeFileOpener : fileOpener, codecs: nodeCodecs, ...rest });
+  const { cache, forceShare, ...rest } = opts;
+  if (forceShare && rest.readOnly === false) {
+    return Promise.reject(new QcowError("invalid-argument", "force-share=on can only be used with read-only images"));
+  }
+  const opener = forceShare ? sharedFileOpener : cache === "unsafe" ? unsafeFileOpener : fileOpener;
+  return openImage(path, { opener, codecs: nodeCodecs, ...rest });
 }

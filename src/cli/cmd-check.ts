@@ -123,7 +123,10 @@ export const check: Command = {
     const say = (s: string): void => {
       if (!quiet) process.stdout.write(s);
     };
-    const storage = await FileStorage.open(file, { readOnly: fix === 0 });
+    const storage = await FileStorage.open(file, {
+      readOnly: fix === 0,
+      locking: fix === 0 ? (v.U || v["force-share"] ? "shared" : "read") : "write",
+    });
     try {
       const given = formatOption(v.f as string | undefined);
       const format = given ?? (await probeFormat(storage));

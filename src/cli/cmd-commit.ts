@@ -61,7 +61,6 @@ export const commitCommand: Command = {
     const baseName = str(v, "b");
     const quiet = Boolean(v.q);
     const top = await openWritable(file, formatOption(str(v, "f")), cache);
-    let base: Image | undefined;
     const progress = new Progress(Boolean(v.p) && !quiet);
     try {
       let depth: number | undefined = 1;
@@ -71,18 +70,22 @@ export const commitCommand: Command = {
       } else if (backingChain(top).length < 2) {
         throw new ExitError("Image does not have a backing file");
       }
-      const layer = backingChain(top)[depth];
-      base = await openWritable(layer.filename, layer.format, cache);
+      const chain = backingChain(top);
+      const layer = chain[depth];
+      const above = chain[depth - 1];
+      if (above.format !== "qcow2") throw new ExitError("Image does not have a backing file");
+      // The base is reopened read-write in the chain (one handle and one lock per file, as
+      // QEMU's reopen): the read-only handle goes first.
+      await above.replaceBacking(undefined);
+      const base = await openWritable(layer.filename, layer.format, cache);
+      await above.replaceBacking(base);
       await commit(top, base, depth, {
         drop: Boolean(v.d) || baseName !== undefined,
         onProgress: (f) => progress.update(f),
       });
-      await base.close();
-      base = undefined;
       await top.close();
     } catch (e) {
       progress.end();
-      await base?.close().catch(() => {});
       await top.close().catch(() => {});
       throw e;
     }

@@ -170,7 +170,8 @@ export const measureCommand: Command = {
     if (file === undefined && size === undefined)
       throw new ExitError("Either --size N or one filename must be specified.");
     let source: Image | undefined;
-    if (file !== undefined) source = await openSource(file, formatOption(str(v, "f")), snapshot);
+    if (file !== undefined)
+      source = await openSource(file, formatOption(str(v, "f")), snapshot, v.U === true || v["force-share"] === true);
     try {
       const outFmt = str(v, "O") ?? "raw";
       if (NO_MEASURE.includes(outFmt))
@@ -192,10 +193,11 @@ async function openSource(
   file: string,
   format: Image["format"] | undefined,
   snapshot: string | undefined,
+  forceShare: boolean,
 ): Promise<Image> {
   let img: Image;
   try {
-    img = await openImageFile(file, { format });
+    img = await openImageFile(file, { format, forceShare });
   } catch (e) {
     if (e instanceof QcowError) throw new QcowError(e.code, `Could not open '${file}': ${e.message}`, { cause: e });
     throw e;
@@ -203,7 +205,7 @@ async function openSource(
   if (snapshot === undefined) return img;
   await img.close();
   try {
-    return await openImageFile(file, { format, snapshot });
+    return await openImageFile(file, { format, snapshot, forceShare });
   } catch (e) {
     if (e instanceof QcowError && e.code === "not-found")
       throw new ExitError("Failed to load snapshot: Can't find snapshot");

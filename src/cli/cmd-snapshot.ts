@@ -86,7 +86,11 @@ export const snapshotCommand: Command = {
     if (writes && (v.U || v["force-share"])) {
       throw new ExitError(`Could not open '${file}': force-share=on can only be used with read-only images`);
     }
-    const img: Image = await openImageFile(file, { format, readOnly: !writes });
+    const img: Image = await openImageFile(file, {
+      format,
+      readOnly: !writes,
+      forceShare: v.U === true || v["force-share"] === true,
+    });
     let closed = false;
     try {
       if (act === undefined) return 0;

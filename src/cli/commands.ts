@@ -68,11 +68,13 @@ function snapshotOption(v: Values): string | undefined {
   return str(v, "s");
 }
 
-/** -U / --force-share: accepted as qemu-img accepts them (qcowkit takes no locks when reading). */
+/** -U / --force-share: read an image even while another process writes it (no lock refused). */
 const SHARE_OPTIONS: Options = {
   U: { type: "boolean", short: "U" },
   "force-share": { type: "boolean" },
 };
+
+export const forceShare = (v: Values): boolean => v.U === true || v["force-share"] === true;
 
 const info: Command = {
   name: "info",
@@ -96,7 +98,7 @@ const info: Command = {
     while (name !== undefined) {
       if (seen.has(name)) throw new ExitError(`Backing file '${name}' creates an infinite loop.`);
       seen.add(name);
-      const img = await openImageFile(name, { format, noBacking: true, metadataOnly: true });
+      const img = await openImageFile(name, { format, noBacking: true, metadataOnly: true, forceShare: forceShare(v) });
       try {
         const i = await imageInfo(img);
         infos.push(i);
@@ -130,7 +132,7 @@ const map: Command = {
   async run(v, p) {
     const file = onePositional(p, "");
     const json = outputFormat(v) === "json";
-    const img = await openImageFile(file, { format: formatOption(str(v, "f")) });
+    const img = await openImageFile(file, { format: formatOption(str(v, "f")), forceShare: forceShare(v) });
     try {
       const start = str(v, "start-offset") !== undefined ? parseSize(str(v, "start-offset") as string, "offset") : 0;
       const maxLength =
@@ -169,10 +171,11 @@ async function openSources(
   files: string[],
   fmt: ImageFormat | undefined,
   snapshot: string | undefined,
+  share: boolean,
 ): Promise<Image[]> {
   const opened: Image[] = [];
   try {
-    for (const f of files) opened.push(await openImageFile(f, { format: fmt, snapshot }));
+    for (const f of files) opened.push(await openImageFile(f, { format: fmt, snapshot, forceShare: share }));
   } catch (e) {
     await Promise.all(opened.map((i) => i.close()));
     throw e;
@@ -238,7 +241,7 @@ const convertCmd: Command = {
     if (!Number.isInteger(parallel) || parallel < 1 || parallel > 16) {
       throw invalidArgument("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
     }
-    const sources = await openSources(p.slice(0, -1), formatOption(str(v, "f")), snapshotOption(v));
+    const sources = await openSources(p.slice(0, -1), formatOption(str(v, "f")), snapshotOption(v), forceShare(v));
     const progress = new Progress(Boolean(v.p) && !v.q);
     let out: Image | undefined;
     let compressor: CompressionPool | undefined;
@@ -312,8 +315,8 @@ const compare: Command = {
     let a: Image | undefined;
     let b: Image | undefined;
     try {
-      a = await openImageFile(p[0], { format: formatOption(str(v, "f")) });
-      b = await openImageFile(p[1], { format: formatOption(str(v, "F")) });
+      a = await openImageFile(p[0], { format: formatOption(str(v, "f")), forceShare: forceShare(v) });
+      b = await openImageFile(p[1], { format: formatOption(str(v, "F")), forceShare: forceShare(v) });
     } catch (e) {
       await a?.close();
       throw new ExitError((e as Error).message, 2);

@@ -90,7 +90,7 @@ export class Qcow2Image implements BlockDevice {
   readonly extensions: HeaderExtensions;
   /** The backing file name in the header (changed by Qcow2Writer.changeBackingFile). */
   backingName: string | undefined;
-  readonly backing: Qcow2Image | RawImage | undefined;
+  backing: Qcow2Image | RawImage | undefined;
   readonly dataFile: Storage | undefined;
   readonly readOnly: boolean;
   readonly clusterSize: number;
@@ -607,6 +607,17 @@ export class Qcow2Image implements BlockDevice {
 
   async flush(): Promise<void> {
     if (this.writer) await this.guarded((w) => w.flush());
+  }
+
+  /**
+   * Closes the backing file (with its chain) and reads through `backing` instead: how a layer
+   * of the chain is reopened read-write (QEMU's bdrv_reopen), so that one handle, and one lock,
+   * stays per file. The new image must hold the same guest data.
+   */
+  async replaceBacking(backing: Qcow2Image | RawImage | undefined): Promise<void> {
+    const old = this.backing;
+    this.backing = backing;
+    if (old !== backing) await old?.close();
   }
 
   async close(): Promise<void> {

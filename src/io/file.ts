@@ -6,16 +6,68 @@ import { QcowError } from "../errors.js";
 import type { DataRun, Storage } from "./storage.js";
 
 type SeekFn = (fd: number, offset: number, which: 0 | 1) => number;
+/** op: 0 unlock, 1 shared, 2 exclusive, 3 test shared, 4 test exclusive; returns 0 or errno. */
+type LockFn = (fd: number, start: number, length: number, op: 0 | 1 | 2 | 3 | 4) => number;
 
-/** The native lseek(SEEK_DATA/SEEK_HOLE) binding built at install (native/seek.c). */
-const seek: SeekFn | undefined = (() => {
+/** The native binding built at install (native/seek.c): lseek(SEEK_DATA/SEEK_HOLE), OFD locks. */
+const native: { seek?: SeekFn; lock?: LockFn } = (() => {
   try {
     const require = createRequire(import.meta.url);
-    return (require("../../../build/Release/qcowkit_seek.node") as { seek: SeekFn }).seek;
+    return require("../../../build/Release/qcowkit_seek.node") as { seek: SeekFn; lock: LockFn };
   } catch {
-    return undefined;
+    return {};
   }
 })();
+const seek = native.seek;
+
+/**
+ * QEMU's image locking (block/file-posix.c), so that qcowkit and QEMU see each other: each
+ * permission a user of the file holds is a shared lock on byte 100 + bit, and each permission it
+ * does not share with others a shared lock on byte 200 + bit. Opening checks that no one else
+ * refuses to share what it wants (byte 200 + bit) and that no one else holds what it refuses to
+ * share (byte 100 + bit). Open file description locks: released when the file is closed, also
+ * on a crash, and separate for two opens in one process.
+ */
+const PERM_NAMES = ["consistent read", "write", "write unchanged", "resize"] as const;
+const PERM_CONSISTENT_READ = 1;
+const PERM_WRITE = 2;
+const PERM_RESIZE = 8;
+const PERM_ALL = 15;
+const LOCK_PERM_BASE = 100;
+const LOCK_SHARED_BASE = 200;
+
+/**
+ * How a file is locked: "read" (others may read, no one may write: qemu-img's read-only opens),
+ * "write" (this user writes and resizes; others may only read), "shared" (-U, force-share:
+ * reads while anyone writes), or "none".
+ */
+export type FileLocking = "read" | "write" | "shared" | "none";
+
+function lockFile(fd: number, mode: FileLocking, path: string): void {
+  const lock = native.lock;
+  if (mode === "none" || !lock) return;
+  const perm = mode === "write" ? PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE : PERM_CONSISTENT_READ;
+  const shared = mode === "shared" ? PERM_ALL : PERM_ALL & ~(PERM_WRITE | PERM_RESIZE);
+  const locked = (what: string): QcowError =>
+    new QcowError("io", `Failed to get ${what} lock\nIs another process using the image [${path}]?`);
+  for (let i = 0; i < PERM_NAMES.length; i++) {
+    const bit = 1 << i;
+    for (const [held, base] of [
+      [perm & bit, LOCK_PERM_BASE],
+      [~shared & bit, LOCK_SHARED_BASE],
+    ] as const) {
+      if (!held) continue;
+      const err = lock(fd, base + i, 1, 1);
+      if (err !== 0) throw new QcowError("io", `Failed to lock byte ${base + i}`);
+    }
+  }
+  for (let i = 0; i < PERM_NAMES.length; i++) {
+    if (perm & (1 << i) && lock(fd, LOCK_SHARED_BASE + i, 1, 4) !== 0) throw locked(`"${PERM_NAMES[i]}"`);
+  }
+  for (let i = 0; i < PERM_NAMES.length; i++) {
+    if (!(shared & (1 << i)) && lock(fd, LOCK_PERM_BASE + i, 1, 4) !== 0) throw locked(`shared "${PERM_NAMES[i]}"`);
+  }
+}
 
 export class FileStorage implements Storage {
   readonly name: string;
@@ -36,15 +88,24 @@ export class FileStorage implements Storage {
    */
   static async open(
     path: string,
-    opts: { readOnly?: boolean; create?: boolean; unsafe?: boolean } = {},
+    opts: { readOnly?: boolean; create?: boolean; unsafe?: boolean; locking?: FileLocking } = {},
   ): Promise<FileStorage> {
     const readOnly = opts.readOnly ?? true;
     const flags = readOnly ? "r" : opts.create ? "w+" : "r+";
+    let fh: FileHandle;
     try {
-      return new FileStorage(await open(path, flags), path, readOnly, !opts.unsafe);
+      fh = await open(path, flags);
     } catch (e) {
       throw ioError(e, path);
     }
+    try {
+      // Only regular files: a character device such as /dev/null takes no part in locking.
+      if ((await fh.stat()).isFile()) lockFile(fh.fd, opts.locking ?? (readOnly ? "read" : "write"), path);
+    } catch (e) {
+      await fh.close();
+      throw e instanceof QcowError ? e : ioError(e, path);
+    }
+    return new FileStorage(fh, path, readOnly, !opts.unsafe);
   }
 
   async size(): Promise<number> {
