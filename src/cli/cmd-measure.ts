@@ -193,13 +193,7 @@ async function openSource(
   format: Image["format"] | undefined,
   snapshot: string | undefined,
 ): Promise<Image> {
-  let img: Image;
-  try {
-    img = await openImageFile(file, { format });
-  } catch (e) {
-    if (e instanceof QcowError) throw new QcowError(e.code, `Could not open '${file}': ${e.message}`, { cause: e });
-    throw e;
-  }
+  const img: Image = await openImageFile(file, { format });
   if (snapshot === undefined) return img;
   await img.close();
   try {
