@@ -20,3 +20,6 @@ export const invalidArgument = (message: string): QcowError => new QcowError("in
 
 /** Formats an offset the way error messages name places in a file. */
 export const hex = (n: number): string => `0x${n.toString(16)}`;
+
+/** A number as QEMU's `%#x` prints it in its messages: `0` for zero, else `0x...`. */
+export const qemuHex = (n: number): string => (n === 0 ? "0" : hex(n));

@@ -54,7 +54,12 @@ export function openImageFile(
 ): Promise<Image> {
   const { cache, forceShare, ...rest } = opts;
   if (forceShare && rest.readOnly === false) {
-    return Promise.reject(new QcowError("invalid-argument", "force-share=on can only be used with read-only images"));
+    return Promise.reject(
+      new QcowError(
+        "invalid-argument",
+        `Could not open '${path}': force-share=on can only be used with read-only images`,
+      ),
+    );
   }
   const opener = forceShare ? sharedFileOpener : cache === "unsafe" ? unsafeFileOpener : fileOpener;
   return openImage(path, { opener, codecs: nodeCodecs, ...rest });

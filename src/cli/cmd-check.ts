@@ -1,7 +1,7 @@
 /** qcowkit check: qemu-img check's findings, summary, JSON and exit codes (0/1/2/3/63). */
 import { QcowError } from "../errors.js";
 import { CheckFailed, type CheckResult, checkQcow2, FIX_ERRORS, FIX_LEAKS } from "../image/check.js";
-import { parseFormat, probeFormat } from "../image/open.js";
+import { OpenError, parseFormat, probeFormat } from "../image/open.js";
 import { Qcow2Image } from "../image/qcow2.js";
 import { FileStorage } from "../io/file.js";
 import { combinePath, openImageFile } from "../node.js";
@@ -76,7 +76,7 @@ async function openDependencies(storage: FileStorage, file: string): Promise<voi
       const format = extensions.backingFormat !== undefined ? parseFormat(extensions.backingFormat) : undefined;
       const backing = await openImageFile(combinePath(file, backingName), { format, metadataOnly: true }).catch(
         (e: unknown) => {
-          throw new Error(`Could not open backing file: ${(e as Error).message}`);
+          throw new Error(`Could not open backing file: ${e instanceof OpenError ? e.reason : (e as Error).message}`);
         },
       );
       await backing.close();

@@ -1,5 +1,4 @@
 /** `qcowkit commit`: qemu-img commit's flags, messages and exit codes. */
-import { QcowError } from "../errors.js";
 import type { Image } from "../image/open.js";
 import { fileOpener, openImageFile } from "../node.js";
 import { backingChain, commit, findBackingImage } from "../ops/commit.js";
@@ -13,14 +12,9 @@ const str = (v: Values, k: string): string | undefined => v[k] as string | undef
 
 const CACHE_MODES = ["unsafe", "writeback", "none", "writethrough", "directsync"];
 
-/** Opens an image read-write with its backing chain, naming it in errors as qemu-img does. */
-export async function openWritable(file: string, format: Image["format"] | undefined, cache: string): Promise<Image> {
-  try {
-    return await openImageFile(file, { format, readOnly: false, cache: cache === "unsafe" ? "unsafe" : "writeback" });
-  } catch (e) {
-    if (e instanceof QcowError) throw new QcowError(e.code, `Could not open '${file}': ${e.message}`, { cause: e });
-    throw e;
-  }
+/** Opens an image read-write with its backing chain (errors name it as qemu-img does). */
+export function openWritable(file: string, format: Image["format"] | undefined, cache: string): Promise<Image> {
+  return openImageFile(file, { format, readOnly: false, cache: cache === "unsafe" ? "unsafe" : "writeback" });
 }
 
 export const commitCommand: Command = {

@@ -195,13 +195,7 @@ async function openSource(
   snapshot: string | undefined,
   forceShare: boolean,
 ): Promise<Image> {
-  let img: Image;
-  try {
-    img = await openImageFile(file, { format, forceShare });
-  } catch (e) {
-    if (e instanceof QcowError) throw new QcowError(e.code, `Could not open '${file}': ${e.message}`, { cause: e });
-    throw e;
-  }
+  const img: Image = await openImageFile(file, { format, forceShare });
   if (snapshot === undefined) return img;
   await img.close();
   try {

@@ -1,6 +1,6 @@
 /** `qcowkit rebase`: qemu-img rebase's flags, messages and exit codes. */
 import { QcowError } from "../errors.js";
-import type { Image } from "../image/open.js";
+import { type Image, OpenError } from "../image/open.js";
 import { combinePath, fileOpener, openImageFile } from "../node.js";
 import { backingChain, findBackingImage } from "../ops/commit.js";
 import { rebase } from "../ops/rebase.js";
@@ -77,18 +77,12 @@ export const rebaseCommand: Command = {
     if (!CACHE_MODES.includes(srcCache)) throw new ExitError(`Invalid source cache option: ${srcCache}`);
     const quiet = Boolean(v.q);
     const progress = new Progress(Boolean(v.p) && !quiet);
-    let image: Image;
-    try {
-      image = await openImageFile(file, {
-        format: formatOption(str(v, "f")),
-        readOnly: false,
-        noBacking: unsafe,
-        cache: cache === "unsafe" ? "unsafe" : "writeback",
-      });
-    } catch (e) {
-      if (e instanceof QcowError) throw new QcowError(e.code, `Could not open '${file}': ${e.message}`, { cause: e });
-      throw e;
-    }
+    const image: Image = await openImageFile(file, {
+      format: formatOption(str(v, "f")),
+      readOnly: false,
+      noBacking: unsafe,
+      cache: cache === "unsafe" ? "unsafe" : "writeback",
+    });
     let opened: Image | undefined;
     try {
       if (backingFormat !== undefined && !QEMU_FORMATS.includes(backingFormat)) {
@@ -106,8 +100,10 @@ export const rebaseCommand: Command = {
           try {
             opened = await openImageFile(combinePath(file, newName), { format: formatOption(backingFormat) });
           } catch (e) {
-            if (e instanceof QcowError)
-              throw new QcowError(e.code, `Could not open new backing file '${name}': ${e.message}`, { cause: e });
+            if (e instanceof QcowError) {
+              const reason = e instanceof OpenError ? e.reason : e.message;
+              throw new QcowError(e.code, `Could not open new backing file '${name}': ${reason}`, { cause: e });
+            }
             throw e;
           }
           newBacking = opened;

@@ -15,6 +15,7 @@ const MAX_NAME_BYTES = 255;
 const STRERROR: Record<number, string> = {
   2: "No such file or directory",
   5: "Input/output error",
+  11: "Resource temporarily unavailable",
   16: "Device or resource busy",
   17: "File exists",
   22: "Invalid argument",

@@ -106,17 +106,17 @@ export function decodeHeader(buf: Uint8Array): Qcow2Header {
   const clusterSize = 2 ** clusterBits;
   const h: Qcow2Header = {
     version,
-    backingFileOffset: getU64(dv, 8, "header field backing_file_offset"),
+    backingFileOffset: getOffset(dv, 8),
     backingFileSize: dv.getUint32(16),
     clusterBits,
     size: getU64(dv, 24, "header field size"),
     cryptMethod: dv.getUint32(32),
     l1Size: dv.getUint32(36),
-    l1TableOffset: getU64(dv, 40, "header field l1_table_offset"),
-    refcountTableOffset: getU64(dv, 48, "header field refcount_table_offset"),
+    l1TableOffset: getOffset(dv, 40),
+    refcountTableOffset: getOffset(dv, 48),
     refcountTableClusters: dv.getUint32(56),
     nbSnapshots: dv.getUint32(60),
-    snapshotsOffset: getU64(dv, 64, "header field snapshots_offset"),
+    snapshotsOffset: getOffset(dv, 64),
     incompatibleFeatures: 0n,
     compatibleFeatures: 0n,
     autoclearFeatures: 0n,
@@ -155,7 +155,9 @@ function validateHeader(h: Qcow2Header): void {
     throw corrupt(`Reference count entry width too large: refcount_order ${h.refcountOrder} (at 0x60) exceeds 6`);
   if (h.backingFileOffset !== 0) {
     if (h.backingFileOffset > clusterSize) {
-      throw corrupt(`Invalid backing file offset ${hex(h.backingFileOffset)}: beyond the first cluster`);
+      throw corrupt(
+        `Invalid backing file offset: ${describeOffset(h.backingFileOffset)} (at 0x8) is beyond the first cluster`,
+      );
     }
     if (h.backingFileSize > MAX_BACKING_NAME) {
       throw corrupt(`Backing file name too long: ${h.backingFileSize} bytes (at most ${MAX_BACKING_NAME})`);
@@ -165,40 +167,81 @@ function validateHeader(h: Qcow2Header): void {
     }
   }
   if (h.cryptMethod > CRYPT_LUKS) throw unsupported(`Unsupported encryption method: ${h.cryptMethod}`);
-  if (h.l1Size * 8 > MAX_L1_BYTES) throw corrupt(`Active L1 table too large: l1_size ${h.l1Size} (at 0x24)`);
-  checkTable("Active L1 table", h.l1TableOffset, h.l1Size * 8, clusterSize, h.l1Size > 0);
+  // The checks and their first words are QEMU's (qcow2_do_open), in its order.
   // An empty refcount table opens (as in QEMU) so that check can rebuild it; writing refuses it.
   if (h.refcountTableClusters * clusterSize > MAX_REFTABLE_BYTES) {
     throw corrupt(`Reference count table too large: refcount_table_clusters ${h.refcountTableClusters} (at 0x38)`);
   }
-  checkTable("Reference count table", h.refcountTableOffset, h.refcountTableClusters * clusterSize, clusterSize, true);
-  if (h.nbSnapshots > MAX_SNAPSHOTS)
-    throw corrupt(`Too many snapshots: nb_snapshots ${h.nbSnapshots} (at 0x3c), at most ${MAX_SNAPSHOTS}`);
-  checkTable("Snapshot table", h.snapshotsOffset, 0, clusterSize, h.nbSnapshots > 0);
+  checkTable(
+    "Reference count table",
+    h.refcountTableOffset,
+    0x30,
+    h.refcountTableClusters * clusterSize,
+    clusterSize,
+    h.refcountTableClusters > 0,
+  );
+  if (h.nbSnapshots > MAX_SNAPSHOTS) {
+    throw corrupt(`Snapshot table too large: nb_snapshots ${h.nbSnapshots} (at 0x3c), at most ${MAX_SNAPSHOTS}`);
+  }
+  checkTable("Snapshot table", h.snapshotsOffset, 0x40, 0, clusterSize, h.nbSnapshots > 0);
+  if (h.l1Size * 8 > MAX_L1_BYTES) throw corrupt(`Active L1 table too large: l1_size ${h.l1Size} (at 0x24)`);
   // Every guest cluster must be reachable from the L1 table.
   const l2Entries = clusterSize / (h.incompatibleFeatures & INCOMPAT_EXTL2 ? 16 : 8);
   const needed = Math.ceil(h.size / clusterSize / l2Entries);
   if (h.l1Size < needed)
     throw corrupt(`L1 table is too small: l1_size ${h.l1Size} for a ${h.size}-byte disk needs ${needed}`);
+  checkTable("Active L1 table", h.l1TableOffset, 0x28, h.l1Size * 8, clusterSize, h.l1Size > 0);
+  // QEMU's words (validate_compression_type).
+  if (h.compressionType > COMPRESSION_ZSTD) {
+    throw unsupported(`qcow2: unknown compression type: ${h.compressionType} (header byte 0x68)`);
+  }
   if (h.incompatibleFeatures & INCOMPAT_COMPRESSION) {
     if (h.compressionType === COMPRESSION_DEFLATE) {
-      throw corrupt("Compression type incompatible feature bit is set but compression_type is deflate (0)");
+      throw corrupt("qcow2: Compression type incompatible feature bit must not be set (compression_type is zlib)");
     }
   } else if (h.compressionType !== COMPRESSION_DEFLATE) {
-    throw corrupt(`compression_type ${h.compressionType} requires the compression type incompatible feature bit`);
+    throw corrupt(
+      `qcow2: Invalid compression type: incompatible feature bit must be set (compression_type ${h.compressionType})`,
+    );
   }
-  if (h.compressionType > COMPRESSION_ZSTD) throw unsupported(`Unknown compression type ${h.compressionType}`);
   if (h.incompatibleFeatures & INCOMPAT_EXTL2 && h.clusterBits < 14) {
     throw corrupt("Extended L2 entries are only supported with cluster sizes of at least 16384 bytes");
   }
 }
 
-/** A table must start on a cluster boundary and its end must stay representable. */
-function checkTable(what: string, offset: number, bytes: number, clusterSize: number, present: boolean): void {
-  if (!present) return;
-  if (offset % clusterSize !== 0) throw corrupt(`${what} offset ${hex(offset)} is not aligned to a cluster boundary`);
-  if (offset === 0) throw corrupt(`${what} at offset 0 overlaps the qcow2 header`);
-  if (offset + bytes > Number.MAX_SAFE_INTEGER) throw corrupt(`${what} at ${hex(offset)} is too large`);
+/**
+ * A 64-bit header offset, as a number that is exact up to 2^53 and larger beyond it, so that the
+ * table checks can refuse it with QEMU's words ("... offset invalid").
+ */
+function getOffset(dv: DataView, at: number): number {
+  return dv.getUint32(at) * 0x1_0000_0000 + dv.getUint32(at + 4);
+}
+
+/** An offset for a message: exact below 2^53, where a number holds it exactly. */
+function describeOffset(offset: number): string {
+  return offset > Number.MAX_SAFE_INTEGER ? "an offset beyond 2^53" : hex(offset);
+}
+
+/**
+ * A table must start on a cluster boundary and its end must stay representable; as QEMU's
+ * validate_table_offset, even an empty table's offset. A table that holds entries must not
+ * start at offset 0, on the header.
+ */
+function checkTable(
+  what: string,
+  offset: number,
+  field: number,
+  bytes: number,
+  clusterSize: number,
+  present: boolean,
+): void {
+  if (offset + bytes > Number.MAX_SAFE_INTEGER) {
+    throw corrupt(`${what} offset invalid: ${describeOffset(offset)} (at ${hex(field)}) is too large`);
+  }
+  if (offset % clusterSize !== 0) {
+    throw corrupt(`${what} offset invalid: ${hex(offset)} (at ${hex(field)}) is not aligned to a cluster boundary`);
+  }
+  if (present && offset === 0) throw corrupt(`${what} at offset 0 overlaps the qcow2 header`);
 }
 
 /** Names the set bits of `mask` in one feature bitmap, from the image's own feature-name table. */
@@ -231,14 +274,20 @@ export function decodeExtensions(buf: Uint8Array, h: Qcow2Header): HeaderExtensi
   const dv = view(buf);
   const seen = new Set<number>();
   let at = start;
-  while (at + 8 <= end) {
+  // As QEMU: every extension header that starts before `end` is read, and it and its data
+  // (even the end marker's) must fit before `end`.
+  while (at < end) {
+    if (at + 8 > buf.length)
+      throw corrupt(`Header extension too large: the extension at ${hex(at)} runs past ${hex(end)}`);
     const type = dv.getUint32(at);
     const len = dv.getUint32(at + 4);
-    if (type === EXT_END) break;
     const dataAt = at + 8;
     if (dataAt + len > end) {
-      throw corrupt(`Header extension ${hex(type)} at ${hex(at)} too large: ${len} bytes run past ${hex(end)}`);
+      throw corrupt(
+        `Header extension too large: ${hex(type)} at ${hex(at)} has ${len} bytes, running past ${hex(end)}`,
+      );
     }
+    if (type === EXT_END) break;
     const data = buf.subarray(dataAt, dataAt + len);
     if (seen.has(type) && type !== EXT_END)
       throw corrupt(`Header extension ${hex(type)} appears twice (at ${hex(at)})`);

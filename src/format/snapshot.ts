@@ -5,7 +5,10 @@ import { concatBytes, getU64, setU64, textDecoder, textEncoder, view } from "./b
 /** QEMU's limits (block/qcow2.h): extra data per entry, and the whole table. */
 export const MAX_SNAPSHOT_EXTRA_DATA = 1024;
 export const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
-const ENTRY_FIXED = 40;
+/** The fixed part of an entry, and the largest entry (most extra data, longest ID and name, padding). */
+export const SNAPSHOT_ENTRY_FIXED = 40;
+export const SNAPSHOT_ENTRY_MAX = SNAPSHOT_ENTRY_FIXED + MAX_SNAPSHOT_EXTRA_DATA + 2 * 0xffff + 7;
+const ENTRY_FIXED = SNAPSHOT_ENTRY_FIXED;
 
 export interface Snapshot {
   l1TableOffset: number;
@@ -38,6 +41,9 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, base: number
     const extraLen = dv.getUint32(at + 36);
     if (extraLen > MAX_SNAPSHOT_EXTRA_DATA) throw corrupt(`Too much extra metadata in ${where}: ${extraLen} bytes`);
     const total = ENTRY_FIXED + extraLen + idLen + nameLen;
+    if (at + total > MAX_SNAPSHOT_TABLE_BYTES) {
+      throw corrupt(`Snapshot table is too big: ${where} ends beyond ${MAX_SNAPSHOT_TABLE_BYTES} bytes`);
+    }
     if (at + total > buf.length) throw truncated(`Snapshot table truncated: ${where} needs ${total} bytes`);
     const e = at + ENTRY_FIXED;
     const extra = buf.slice(e, e + extraLen);

@@ -3,7 +3,7 @@
  * "Extended L2 Entries", "Host cluster management"). Entries are read as two u32 halves so
  * that no bigint is made per cluster.
  */
-import { corrupt, hex, invalidArgument, unsupported } from "../errors.js";
+import { corrupt, hex, invalidArgument, qemuHex, unsupported } from "../errors.js";
 import { setU64 } from "./bytes.js";
 
 export const OFLAG_COPIED_HI = 0x8000_0000;
@@ -32,7 +32,7 @@ export function decodeL1Entry(hi: number, lo: number, clusterSize: number, index
   }
   const l2Offset = checkOffset(offsetField(hi, lo), `L1 entry ${index}`);
   if (l2Offset % clusterSize !== 0) {
-    throw corrupt(`L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${hex(index)})`);
+    throw corrupt(`L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${qemuHex(index)})`);
   }
   return { l2Offset, copied: (hi & OFLAG_COPIED_HI) !== 0 };
 }
@@ -213,7 +213,7 @@ export function decodeRefcountTableEntry(hi: number, lo: number, clusterSize: nu
   if ((lo & 0x1ff) !== 0) throw corrupt(`Refcount table entry ${index} has reserved bits set`);
   const offset = checkOffset(hi * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0), `Refcount table entry ${index}`);
   if (offset % clusterSize !== 0)
-    throw corrupt(`Refcount block offset ${hex(offset)} unaligned (reftable index: ${hex(index)})`);
+    throw corrupt(`Refcount block offset ${hex(offset)} unaligned (reftable index: ${qemuHex(index)})`);
   return offset;
 }
 

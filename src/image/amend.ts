@@ -8,7 +8,7 @@
  * (or table) that points at them; references are dropped only after the pointer to them is
  * durable. A crash leaves the old image or the new one, at worst with leaked clusters.
  */
-import { corrupt, hex, invalidArgument, QcowError, unsupported } from "../errors.js";
+import { corrupt, hex, invalidArgument, QcowError, qemuHex, unsupported } from "../errors.js";
 import { decodeBitmapTableEntry } from "../format/bitmap.js";
 import { setU64, view } from "../format/bytes.js";
 import {
@@ -36,6 +36,7 @@ import { readFull } from "../io/storage.js";
 import type { Qcow2Image } from "./qcow2.js";
 import type { Qcow2Writer } from "./qcow2-write.js";
 import { Refcounts, type TableMoved } from "./refcount.js";
+import { validateSnapshotL1 } from "./snapshots.js";
 
 export interface AmendOptions {
   /** 2 (compat=0.10) or 3 (compat=1.1). */
@@ -243,7 +244,12 @@ class Amender {
     if (incompatible !== 0n) {
       throw unsupported(`Cannot downgrade an image with incompatible features 0x${incompatible.toString(16)} set`);
     }
-    await this.expandZeroClusters(progress);
+    try {
+      await this.expandZeroClusters(progress);
+    } catch (e) {
+      if (!(e instanceof QcowError)) throw e;
+      throw new QcowError(e.code, `Failed to turn zero into data clusters: ${e.message}`, { cause: e });
+    }
     if (h.incompatibleFeatures & INCOMPAT_COMPRESSION) {
       if (await this.hasCompressedClusters()) {
         throw unsupported("Cannot downgrade an image with zstd compression type and existing compressed clusters");
@@ -286,7 +292,10 @@ class Amender {
     const img = this.img;
     const seen = new Set<number>();
     const l1s: { offset: number; size: number }[] = [{ offset: img.header.l1TableOffset, size: img.header.l1Size }];
-    for (const s of img.snapshots) l1s.push({ offset: s.l1TableOffset, size: s.l1Size });
+    for (const s of img.snapshots) {
+      validateSnapshotL1(s, this.cs);
+      l1s.push({ offset: s.l1TableOffset, size: s.l1Size });
+    }
     const count = l1s.reduce((n, l) => n + l.size, 0);
     let index = 0;
     for (const l1 of l1s) {
@@ -340,7 +349,7 @@ class Amender {
           0,
           0,
           g,
-          () => `L2 table at ${hex(t.offset)}, index ${j}`,
+          () => `L2 offset: ${hex(t.offset)}, L2 index: ${qemuHex(j)}`,
         );
         if (e.type !== ClusterType.ZeroPlain && e.type !== ClusterType.ZeroAlloc) continue;
         dirty = true;
@@ -388,7 +397,7 @@ class Amender {
           step === 16 ? table.getUint32(at + 8) : 0,
           step === 16 ? table.getUint32(at + 12) : 0,
           g,
-          () => `L2 table at ${hex(t.offset)}, index ${j}`,
+          () => `L2 offset: ${hex(t.offset)}, L2 index: ${qemuHex(j)}`,
         );
         if (e.type === ClusterType.Compressed) return true;
       }

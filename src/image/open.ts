@@ -8,6 +8,7 @@ import { QCOW2_MAGIC } from "../format/header.js";
 import type { Storage } from "../io/storage.js";
 import { Qcow2Image } from "./qcow2.js";
 import { RawImage } from "./raw.js";
+import { SnapshotLoadError } from "./snapshots.js";
 
 export type ImageFormat = "qcow2" | "raw";
 export type Image = Qcow2Image | RawImage;
@@ -23,6 +24,21 @@ export interface StorageOpener {
 
 /** An error about the backing chain, already naming where it went wrong. */
 class ChainError extends QcowError {}
+
+/** A loop or a chain too deep: said as is, like qemu-img, without naming the top image. */
+class ChainShapeError extends ChainError {}
+
+/**
+ * Failing to open an image: "Could not open 'NAME': REASON", qemu-img's words. `reason` is the
+ * error without that prefix, for callers that name the image their own way.
+ */
+export class OpenError extends QcowError {
+  readonly reason: string;
+  constructor(name: string, e: QcowError) {
+    super(e.code, `Could not open '${name}': ${e.message}`, { cause: e, truncated: e.truncated });
+    this.reason = e.message;
+  }
+}
 
 /** QEMU refuses deeper chains than this in practice; qcowkit makes it a firm limit. */
 export const MAX_BACKING_DEPTH = 64;
@@ -52,7 +68,14 @@ export function parseFormat(name: string): ImageFormat {
 }
 
 export async function openImage(name: string, opts: OpenImageOptions): Promise<Image> {
-  return openLayer(name, opts, opts.format, [], opts.readOnly ?? true, opts.snapshot);
+  try {
+    return await openLayer(name, opts, opts.format, [], opts.readOnly ?? true, opts.snapshot);
+  } catch (e) {
+    if (e instanceof QcowError && !(e instanceof ChainShapeError || e instanceof SnapshotLoadError)) {
+      throw new OpenError(name, e);
+    }
+    throw e;
+  }
 }
 
 async function openLayer(
@@ -64,9 +87,14 @@ async function openLayer(
   snapshot: string | undefined,
 ): Promise<Image> {
   const id = await opts.opener.identity(name);
-  if (seen.includes(id)) throw new ChainError("invalid-argument", `Backing file '${name}' creates an infinite loop`);
+  if (seen.includes(id)) {
+    throw new ChainShapeError("invalid-argument", `Backing file '${name}' creates an infinite loop`);
+  }
   if (seen.length > MAX_BACKING_DEPTH) {
-    throw new ChainError("invalid-argument", `Backing chain of '${name}' is deeper than ${MAX_BACKING_DEPTH} images`);
+    throw new ChainShapeError(
+      "invalid-argument",
+      `Backing chain of '${name}' is deeper than ${MAX_BACKING_DEPTH} images`,
+    );
   }
   const storage = await opts.opener.open(name, { readOnly });
   try {

@@ -3,7 +3,7 @@
  * (cluster mapping through L1/L2, compressed clusters, backing files, block status).
  */
 import type { Codec, Codecs } from "../codec/codec.js";
-import { corrupt, hex, QcowError, unsupported } from "../errors.js";
+import { corrupt, hex, QcowError, qemuHex, unsupported } from "../errors.js";
 import { type BitmapDirectoryEntry, decodeBitmapDirectory, MAX_BITMAP_DIRECTORY_BYTES } from "../format/bitmap.js";
 import { view } from "../format/bytes.js";
 import {
@@ -24,7 +24,13 @@ import {
   nameFeatures,
   type Qcow2Header,
 } from "../format/header.js";
-import { decodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES, type Snapshot } from "../format/snapshot.js";
+import {
+  decodeSnapshotTable,
+  MAX_SNAPSHOT_TABLE_BYTES,
+  SNAPSHOT_ENTRY_FIXED,
+  SNAPSHOT_ENTRY_MAX,
+  type Snapshot,
+} from "../format/snapshot.js";
 import {
   ClusterType,
   decodeL1Entry,
@@ -41,6 +47,7 @@ import { Qcow2Writer } from "./qcow2-write.js";
 import type { RawImage } from "./raw.js";
 import { Refcounts } from "./refcount.js";
 import type { ResizeOptions } from "./resize.js";
+import { SnapshotLoadError, validateSnapshotL1 } from "./snapshots.js";
 
 /** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -209,19 +216,27 @@ export class Qcow2Image implements BlockDevice {
       throw corrupt("data-file-raw requires a data file");
     }
     const clusterSize = 2 ** h.clusterBits;
+    // As QEMU: only check (which reads the header alone) may open such an image, to rebuild it.
+    if (h.refcountTableClusters === 0) {
+      throw corrupt("Image does not contain a reference count table; 'qcowkit check -r all' rebuilds it");
+    }
     const snapshots = await readSnapshotTable(storage, h);
     const bitmaps = await readBitmapDirectory(storage, h, extensions);
     let l1Offset = h.l1TableOffset;
     let l1Size = h.l1Size;
     if (opts.snapshot !== undefined) {
       const sn = findSnapshot(snapshots, opts.snapshot);
-      if (!sn) throw new QcowError("not-found", `Can't find snapshot '${opts.snapshot}'`);
+      if (!sn) throw new SnapshotLoadError(new QcowError("not-found", `Can't find snapshot '${opts.snapshot}'`));
       if (!readOnly) throw new QcowError("invalid-argument", "A snapshot can only be opened read-only");
       // As QEMU's qcow2_snapshot_load_tmp: only the L1 table changes, not the disk size.
       l1Offset = sn.l1TableOffset;
       l1Size = sn.l1Size;
-      if (l1Offset % clusterSize !== 0) throw corrupt(`Snapshot L1 table offset ${hex(l1Offset)} is not aligned`);
-      if (l1Size * 8 > 32 * 1024 * 1024) throw corrupt(`Snapshot L1 table too large: ${l1Size} entries`);
+      try {
+        validateSnapshotL1(sn, clusterSize);
+      } catch (e) {
+        // qemu-img opens the image, then loads the snapshot: its own error, not an open failure.
+        throw new SnapshotLoadError(e as QcowError);
+      }
     }
     const l1 = await readL1(storage, l1Offset, l1Size, clusterSize);
     const img = new Qcow2Image({
@@ -292,7 +307,7 @@ export class Qcow2Image implements BlockDevice {
       ext ? table.getUint32(at + 8) : 0,
       ext ? table.getUint32(at + 12) : 0,
       this.geometry,
-      () => `L2 table at ${hex(l2Offset)}, index ${i}`,
+      () => `L2 offset: ${hex(l2Offset)}, L2 index: ${qemuHex(i)}`,
     );
   }
 
@@ -657,8 +672,11 @@ async function readL1(
 
 export async function readSnapshotTable(storage: Storage, h: Qcow2Header): Promise<Snapshot[]> {
   if (h.nbSnapshots === 0) return [];
+  // Past the end of the file the table reads as zeros (as in QEMU): there every entry but the
+  // one that straddles the end is a bare 40-byte entry, which bounds what is worth reading.
   const available = Math.max(0, (await storage.size()) - h.snapshotsOffset);
-  return readGrowing(storage, h.snapshotsOffset, Math.min(MAX_SNAPSHOT_TABLE_BYTES, available), (buf) =>
+  const pastEnd = h.nbSnapshots * SNAPSHOT_ENTRY_FIXED + SNAPSHOT_ENTRY_MAX;
+  return readGrowing(storage, h.snapshotsOffset, Math.min(MAX_SNAPSHOT_TABLE_BYTES, available + pastEnd), (buf) =>
     decodeSnapshotTable(buf, h.nbSnapshots, h.snapshotsOffset),
   );
 }

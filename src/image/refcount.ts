@@ -91,6 +91,12 @@ export class Refcounts {
     return this.block(blockOffset).then((b) => getRefcount(b, index % this.blockEntries, this.order));
   }
 
+  /** Whether a refcount block covers host cluster `index` (else its refcount is 0). */
+  covered(index: number): boolean {
+    const t = Math.floor(index / this.blockEntries);
+    return t < this.table.length && this.table[t] !== 0;
+  }
+
   /** Adds `delta` to the refcount of cluster `index`; the block must exist for increments. */
   async update(index: number, delta: number, onTableMoved: TableMoved): Promise<number> {
     const t = Math.floor(index / this.blockEntries);

@@ -23,7 +23,7 @@
  */
 import { hex, QcowError } from "../errors.js";
 import { view } from "../format/bytes.js";
-import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE } from "../format/header.js";
+import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, MAX_REFTABLE_BYTES } from "../format/header.js";
 import { encodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES, type Snapshot, snapshotTableSize } from "../format/snapshot.js";
 import { ClusterType, decodeL1Entry, encodeL1Entry, maxRefcount, OFLAG_COPIED_HI } from "../format/tables.js";
 import { readFull } from "../io/storage.js";
@@ -37,6 +37,13 @@ const MAX_L1_BYTES = 32 * 1024 * 1024;
 /**
  * A refusal, with the errno QEMU returns for it (qemu-img prints some as `-errno (strerror)`).
  */
+/** Loading a snapshot to read it failed (qemu-img's "Failed to load snapshot: ..."). */
+export class SnapshotLoadError extends QcowError {
+  constructor(e: QcowError) {
+    super(e.code, `Failed to load snapshot: ${e.message}`, { cause: e });
+  }
+}
+
 export class SnapshotError extends QcowError {
   constructor(
     code: QcowError["code"],
@@ -295,13 +302,30 @@ function encodeL1(l1: Float64Array, copied: Uint8Array): Uint8Array {
   return buf;
 }
 
+/**
+ * Refuses a snapshot's L1 table as QEMU's qcow2_validate_table does (an error, not a corrupt
+ * image): too large (EFBIG), or an offset off a cluster boundary (EINVAL). QEMU's words first.
+ */
+export function validateSnapshotL1(sn: Snapshot, clusterSize: number): void {
+  if (sn.l1Size * 8 > MAX_L1_BYTES) {
+    throw new SnapshotError(
+      "invalid-argument",
+      `Snapshot L1 table too large: ${sn.l1Size} entries (snapshot ${sn.id})`,
+      27,
+    );
+  }
+  if (sn.l1Size > 0 && sn.l1TableOffset % clusterSize !== 0) {
+    throw new SnapshotError(
+      "invalid-argument",
+      `Snapshot L1 table offset invalid: ${hex(sn.l1TableOffset)} (snapshot ${sn.id})`,
+      22,
+    );
+  }
+}
+
 async function readSnapshotL1(img: Qcow2Image, sn: Snapshot): Promise<Float64Array> {
   const cs = img.clusterSize;
-  // Refused as QEMU's qcow2_validate_table refuses them: an error, not a corrupt image.
-  if (sn.l1Size * 8 > MAX_L1_BYTES) throw new SnapshotError("invalid-argument", "Snapshot L1 table too large", 27);
-  if (sn.l1Size > 0 && sn.l1TableOffset % cs !== 0) {
-    throw new SnapshotError("invalid-argument", `Snapshot L1 table offset ${hex(sn.l1TableOffset)} invalid`, 22);
-  }
+  validateSnapshotL1(sn, cs);
   const buf = new Uint8Array(sn.l1Size * 8);
   if (buf.length > 0) await readFull(img.storage, buf, sn.l1TableOffset);
   const dv = view(buf);
@@ -368,7 +392,7 @@ async function updateReferences(
   try {
     return await walkReferences(img, m, l1, addend, done, Number.POSITIVE_INFINITY);
   } catch (e) {
-    if (e instanceof SnapshotError && e.errno === 22 && addend > 0) {
+    if (e instanceof SnapshotError && addend > 0) {
       // Same walk, same order: undo exactly the changes that were made.
       await walkReferences(img, m, l1, -addend, { changes: 0 }, done.changes);
     }
@@ -390,6 +414,17 @@ async function walkReferences(
   const copied = new Uint8Array(l1.length);
   const change = async (cluster: number): Promise<number> => {
     if (addend === 0) return rc.get(cluster);
+    if (addend > 0 && !rc.covered(cluster)) {
+      // A cluster in use has a refcount block: this reference points outside the refcount
+      // structure (e.g. beyond the end of the file). QEMU refuses too: with EFBIG past what any
+      // refcount table can cover, else EAGAIN (it would need a new refcount block).
+      const beyondAnyTable = cluster >= (MAX_REFTABLE_BYTES / 8) * rc.blockEntries;
+      throw new SnapshotError(
+        "corrupt",
+        `Cluster ${hex(cluster * cs)} is referenced but no refcount block covers it`,
+        beyondAnyTable ? 27 : 11,
+      );
+    }
     if (addend > 0 && (await rc.get(cluster)) + addend > max) {
       throw new SnapshotError(
         "invalid-argument",

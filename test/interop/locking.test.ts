@@ -25,9 +25,10 @@ async function image(name: string): Promise<string> {
   return file;
 }
 
-async function rejectsWith(p: Promise<unknown>, message: string, what: string): Promise<void> {
+/** Opening fails with qemu-img's words: "Could not open 'FILE': " and the lock message. */
+async function rejectsWith(p: Promise<unknown>, file: string, message: string, what: string): Promise<void> {
   await assert.rejects(p, (e: Error) => {
-    assert.equal(e.message, message, what);
+    assert.equal(e.message, `Could not open '${file}': ${message}`, what);
     return true;
   });
 }
@@ -37,8 +38,8 @@ describe("image locking", () => {
     const file = await image("one.qcow2");
     const w = await openImageFile(file, { readOnly: false });
     try {
-      await rejectsWith(openImageFile(file, { readOnly: false }), WRITE_LOCK(file), "a second writer");
-      await rejectsWith(openImageFile(file), SHARED_WRITE_LOCK(file), "a reader while a writer");
+      await rejectsWith(openImageFile(file, { readOnly: false }), file, WRITE_LOCK(file), "a second writer");
+      await rejectsWith(openImageFile(file), file, SHARED_WRITE_LOCK(file), "a reader while a writer");
       const shared = await openImageFile(file, { forceShare: true });
       await shared.close();
     } finally {
@@ -47,13 +48,14 @@ describe("image locking", () => {
     // Readers share; a writer waits for them to go.
     const r1 = await openImageFile(file);
     const r2 = await openImageFile(file);
-    await rejectsWith(openImageFile(file, { readOnly: false }), WRITE_LOCK(file), "a writer while readers");
+    await rejectsWith(openImageFile(file, { readOnly: false }), file, WRITE_LOCK(file), "a writer while readers");
     await r1.close();
     await r2.close();
     const w2 = await openImageFile(file, { readOnly: false });
     await w2.close();
     await rejectsWith(
       openImageFile(file, { readOnly: false, forceShare: true }),
+      file,
       "force-share=on can only be used with read-only images",
       "-U with a writer",
     );
@@ -65,7 +67,7 @@ describe("image locking", () => {
     await qemuImgOk(["create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top]);
     const img = await openImageFile(top, { readOnly: false });
     try {
-      await rejectsWith(openImageFile(base, { readOnly: false }), WRITE_LOCK(base), "writing the backing file");
+      await rejectsWith(openImageFile(base, { readOnly: false }), base, WRITE_LOCK(base), "writing the backing file");
       const r = await qemuIo(["-f", "qcow2", "-c", "write 0 512", base]);
       assert.equal(r.code, 1);
       assert.equal(r.stderr, `qemu-io: can't open device ${base}: ${WRITE_LOCK(base)}\n`);

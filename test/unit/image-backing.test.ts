@@ -174,7 +174,10 @@ test("backing: a missing backing file is named in the error, and nothing stays o
   const opener = new MapOpener(new Map([["top.qcow2", top.bytes]]));
   await assert.rejects(
     openImage("top.qcow2", { opener }),
-    qcowError("io", /^Could not open backing file: Could not open 'gone\.qcow2': No such file or directory$/),
+    qcowError(
+      "io",
+      /^Could not open 'top\.qcow2': Could not open backing file: Could not open 'gone\.qcow2': No such file or directory$/,
+    ),
   );
   assert.ok(opener.storages.every((s) => s.closed));
 });
