@@ -3,8 +3,8 @@ import { QcowError } from "../errors.js";
 import { CheckFailed, type CheckResult, checkQcow2, FIX_ERRORS, FIX_LEAKS } from "../image/check.js";
 import { OpenError, parseFormat, probeFormat } from "../image/open.js";
 import { Qcow2Image } from "../image/qcow2.js";
-import { FileStorage } from "../io/file.js";
-import { combinePath, openImageFile } from "../node.js";
+import type { Storage } from "../io/storage.js";
+import { combinePath, fileOpener, openImageFile, sharedFileOpener } from "../node.js";
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
 import { printf2 } from "./progress.js";
@@ -62,7 +62,7 @@ function json(c: CheckResult, filename: string): string {
 }
 
 /** As qemu-img, which opens the whole image: a backing file or data file that is missing fails the check. */
-async function openDependencies(storage: FileStorage, file: string): Promise<void> {
+async function openDependencies(storage: Storage, file: string): Promise<void> {
   let header: Awaited<ReturnType<typeof Qcow2Image.readHeader>>;
   try {
     header = await Qcow2Image.readHeader(storage, true);
@@ -82,7 +82,7 @@ async function openDependencies(storage: FileStorage, file: string): Promise<voi
       await backing.close();
     }
     if (extensions.dataFile !== undefined) {
-      await (await FileStorage.open(combinePath(file, extensions.dataFile), { readOnly: true })).close();
+      await (await fileOpener.open(combinePath(file, extensions.dataFile), { readOnly: true })).close();
     }
   } catch (e) {
     throw new ExitError(`Could not open '${file}': ${(e as Error).message}`);
@@ -95,6 +95,7 @@ export const check: Command = {
   help: [
     "Checks a qcow2 image for consistency, as qemu-img check does: every reference to every host",
     "cluster is counted and compared with the refcounts, and the COPIED flags with them.",
+    "FILE may be an http:// or https:// URL (read-only: not with -r).",
     "",
     "  -r leaks   free leaked clusters",
     "  -r all     also repair refcounts, COPIED flags and broken refcount structures",
@@ -123,10 +124,8 @@ export const check: Command = {
     const say = (s: string): void => {
       if (!quiet) process.stdout.write(s);
     };
-    const storage = await FileStorage.open(file, {
-      readOnly: fix === 0,
-      locking: fix === 0 ? (v.U || v["force-share"] ? "shared" : "read") : "write",
-    });
+    const opener = v.U || v["force-share"] ? sharedFileOpener : fileOpener;
+    const storage = await opener.open(file, { readOnly: fix === 0 });
     try {
       const given = formatOption(v.f as string | undefined);
       const format = given ?? (await probeFormat(storage));
