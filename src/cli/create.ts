@@ -2,6 +2,7 @@
 import { rm } from "node:fs/promises";
 import { invalidArgument, QcowError } from "../errors.js";
 import type { Qcow2Image } from "../image/qcow2.js";
+import { OpenError } from "../image/open.js";
 import { FileStorage } from "../io/file.js";
 import { combinePath, openImageFile } from "../node.js";
 import { type Preallocation, type Qcow2CreateOptions, validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
@@ -157,6 +158,9 @@ export async function createImage(a: CreateArgs): Promise<void> {
       const backing = await openImageFile(combinePath(a.file, opts.backingFile), {
         format: formatOption(opts.backingFormat),
         noBacking: true,
+      }).catch((e: unknown) => {
+        // qemu-img names the new image, then the file's own error (without a second "Could not open").
+        throw e instanceof OpenError ? new QcowError(e.code, e.reason, { cause: e }) : e;
       });
       opts.size = backing.size;
       await backing.close();

@@ -21,6 +21,47 @@ export interface MetadataLayout {
 }
 
 /**
+ * Every cluster that holds metadata, with its kind (the first one `overlappingMetadata` would
+ * name): a lookup table for checking writes into clusters the image already owns.
+ */
+export function metadataClusters(m: MetadataLayout): Map<number, string> {
+  const cs = m.clusterSize;
+  const out = new Map<number, string>();
+  for (const [offset, length, kind] of metadataRanges(m)) {
+    if (length <= 0) continue;
+    for (let c = Math.floor(offset / cs); c * cs < offset + length; c++) if (!out.has(c)) out.set(c, kind);
+  }
+  for (const [offsets, kind] of metadataTables(m)) {
+    for (let i = 0; i < offsets.length; i++) {
+      const c = Math.floor(offsets[i] / cs);
+      if (offsets[i] !== 0 && !out.has(c)) out.set(c, kind);
+    }
+  }
+  return out;
+}
+
+function metadataRanges(m: MetadataLayout): [number, number, string][] {
+  const ranges: [number, number, string][] = [
+    [0, m.clusterSize, "qcow2_header"],
+    [m.l1TableOffset, m.l1Size * 8, "active L1 table"],
+    [m.refcountTableOffset, m.refcountTableClusters * m.clusterSize, "refcount table"],
+  ];
+  if (m.snapshots.length > 0) ranges.push([m.snapshotsOffset, snapshotTableSize(m.snapshots), "snapshot table"]);
+  for (const sn of m.snapshots) ranges.push([sn.l1TableOffset, sn.l1Size * 8, "inactive L1 table"]);
+  if (m.bitmapDirectory) {
+    ranges.push([m.bitmapDirectory.directoryOffset, m.bitmapDirectory.directorySize, "bitmap directory"]);
+  }
+  return ranges;
+}
+
+function metadataTables(m: MetadataLayout): [ArrayLike<number>, string][] {
+  return [
+    [m.l2Tables, "active L2 table"],
+    [m.refcountBlocks, "refcount block"],
+  ];
+}
+
+/**
  * The kind of metadata (in QEMU's words) found in any of the `targets` clusters, other than
  * `ignore` (the kind being rewritten), or undefined.
  */
@@ -30,25 +71,11 @@ export function overlappingMetadata(
   ignore?: string,
 ): string | undefined {
   const cs = m.clusterSize;
-  const ranges: [number, number, string][] = [
-    [0, cs, "qcow2_header"],
-    [m.l1TableOffset, m.l1Size * 8, "active L1 table"],
-    [m.refcountTableOffset, m.refcountTableClusters * cs, "refcount table"],
-  ];
-  if (m.snapshots.length > 0) ranges.push([m.snapshotsOffset, snapshotTableSize(m.snapshots), "snapshot table"]);
-  for (const sn of m.snapshots) ranges.push([sn.l1TableOffset, sn.l1Size * 8, "inactive L1 table"]);
-  if (m.bitmapDirectory) {
-    ranges.push([m.bitmapDirectory.directoryOffset, m.bitmapDirectory.directorySize, "bitmap directory"]);
-  }
-  for (const [offset, length, kind] of ranges) {
+  for (const [offset, length, kind] of metadataRanges(m)) {
     if (length <= 0 || kind === ignore) continue;
     for (const c of targets) if (c * cs < offset + length && (c + 1) * cs > offset) return kind;
   }
-  const tables: [ArrayLike<number>, string][] = [
-    [m.l2Tables, "active L2 table"],
-    [m.refcountBlocks, "refcount block"],
-  ];
-  for (const [offsets, kind] of tables) {
+  for (const [offsets, kind] of metadataTables(m)) {
     if (kind === ignore) continue;
     for (let i = 0; i < offsets.length; i++) {
       const o = offsets[i];

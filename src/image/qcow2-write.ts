@@ -36,7 +36,7 @@ import {
 import { readFull } from "../io/storage.js";
 import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks, Turns } from "./lock.js";
-import { overlappingMetadata } from "./overlap.js";
+import { type MetadataLayout, metadataClusters, overlappingMetadata } from "./overlap.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts, type TableMoved } from "./refcount.js";
 import { rebuildRefcounts } from "./repair.js";
@@ -79,6 +79,9 @@ export class Qcow2Writer {
   /** Data reads and in-place writes in flight: released clusters are not freed while any run. */
   private inflight = 0;
   private closed = false;
+  /** Changes whenever metadata may have moved (see checkOverlapInPlace). */
+  private layoutVersion = 0;
+  private metaClusters: { key: string; map: Map<number, string> } | undefined;
   /** The header as last written: a failed header write puts memory back to it. */
   private durableHeader: Qcow2Header;
   /** Set once an inconsistency was found: the image is marked corrupt and writes stop. */
@@ -92,6 +95,7 @@ export class Qcow2Writer {
   ) {
     this.cs = img.clusterSize;
     this.durableHeader = { ...img.header };
+    this.layoutVersion++;
   }
 
   /** Prepares an image opened read-write: clears unknown autoclear bits, loads refcounts. */
@@ -237,7 +241,7 @@ export class Qcow2Writer {
     img.l2Cache.markDirty(offset, view(table));
     img.l1[l1Index] = offset;
     img.l1Copied[l1Index] = 1;
-    this.l1Dirty.add(l1Index);
+    this.l1Changed(l1Index);
     return offset;
   }
 
@@ -341,6 +345,7 @@ export class Qcow2Writer {
    * such a cluster writes only its own bytes there, so the two never undo each other.
    */
   private async writeInPlace(data: Uint8Array, host: number): Promise<void> {
+    this.checkOverlapInPlace(host, data.length);
     this.beginIo();
     try {
       await this.dataStorage.write(data, host);
@@ -465,6 +470,7 @@ export class Qcow2Writer {
             Math.max(0, offset - from),
           );
         }
+        if (keep[pieces[i].gc - c0]) this.checkOverlapInPlace(pieces[i].host, buf.length);
         writes.push(this.dataStorage.write(buf, pieces[i].host));
         i = j;
       }
@@ -516,24 +522,49 @@ export class Qcow2Writer {
    * the write is refused and the image marked corrupt, instead of a table being overwritten.
    */
   private checkOverlap(offsets: number[]): void {
+    const kind = overlappingMetadata(this.layout(), new Set(offsets.map((o) => Math.floor(o / this.cs))));
+    if (kind !== undefined) throw corrupt(`Preventing invalid write on metadata (overlaps with ${kind})`);
+  }
+
+  private layout(): MetadataLayout {
     const img = this.img;
     const h = img.header;
-    const kind = overlappingMetadata(
-      {
-        clusterSize: this.cs,
-        l1TableOffset: h.l1TableOffset,
-        l1Size: h.l1Size,
-        refcountTableOffset: this.refcounts.tableOffset,
-        refcountTableClusters: this.refcounts.tableClusters,
-        snapshotsOffset: h.snapshotsOffset,
-        snapshots: img.snapshots,
-        bitmapDirectory: img.extensions.bitmaps,
-        l2Tables: img.l1,
-        refcountBlocks: this.refcounts.blockOffsets(),
-      },
-      new Set(offsets.map((o) => Math.floor(o / this.cs))),
-    );
-    if (kind !== undefined) throw corrupt(`Preventing invalid write on metadata (overlaps with ${kind})`);
+    return {
+      clusterSize: this.cs,
+      l1TableOffset: h.l1TableOffset,
+      l1Size: h.l1Size,
+      refcountTableOffset: this.refcounts.tableOffset,
+      refcountTableClusters: this.refcounts.tableClusters,
+      snapshotsOffset: h.snapshotsOffset,
+      snapshots: img.snapshots,
+      bitmapDirectory: img.extensions.bitmaps,
+      l2Tables: img.l1,
+      refcountBlocks: this.refcounts.blockOffsets(),
+    };
+  }
+
+  /**
+   * The same check for writes into host clusters the image already owns (QEMU checks every
+   * write): an L2 entry that a damaged image points at its own metadata must not let guest data
+   * overwrite it. A lookup table of metadata clusters serves these writes; it is rebuilt when
+   * the layout may have changed (an L1 entry, the header, the refcount table, an exclusive
+   * operation).
+   */
+  /** Active L1 entry `index` changed in memory: written back at the next flush. */
+  private l1Changed(index: number): void {
+    this.l1Dirty.add(index);
+    this.layoutVersion++;
+  }
+
+  private checkOverlapInPlace(host: number, length: number): void {
+    if (this.img.dataFile) return;
+    const key = `${this.layoutVersion}:${this.refcounts.tableVersion}`;
+    if (this.metaClusters?.key !== key) this.metaClusters = { key, map: metadataClusters(this.layout()) };
+    const map = this.metaClusters.map;
+    for (let c = Math.floor(host / this.cs); c * this.cs < host + length; c++) {
+      const kind = map.get(c);
+      if (kind !== undefined) throw corrupt(`Preventing invalid write on metadata (overlaps with ${kind})`);
+    }
   }
 
   // ---- zeroes and discard ----------------------------------------------------------------
@@ -782,7 +813,7 @@ export class Qcow2Writer {
         tables.push(img.l1[i]);
         img.l1[i] = 0;
         img.l1Copied[i] = 0;
-        this.l1Dirty.add(i);
+        this.l1Changed(i);
       }
       await this.writeL1Entries();
       await img.storage.flush();
@@ -917,11 +948,12 @@ export class Qcow2Writer {
               refcounts: this.refcounts,
               tableMoved: this.tableMoved,
               writeBack: () => this.flushMetadata(),
-              markL1Dirty: (index) => this.l1Dirty.add(index),
+              markL1Dirty: (index) => this.l1Changed(index),
             });
           } finally {
             // Clusters may have been freed and handed out again: pack no more compressed data there.
             this.compressedEnd = 0;
+            this.layoutVersion++;
           }
         }),
       );
@@ -951,7 +983,7 @@ export class Qcow2Writer {
         await this.zeroUnits(from, to, true, false);
       },
       releaseEntry: (e) => this.releaseEntry(e),
-      l1Changed: (index) => this.l1Dirty.add(index),
+      l1Changed: (index) => this.l1Changed(index),
       preallocate: (from, to, fill) => this.preallocate(fill, from, to),
       writeZeroes: (offset, length) => this.writeZeroes(offset, length, false),
       bitmaps: this.bitmaps !== undefined,

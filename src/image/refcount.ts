@@ -27,6 +27,8 @@ export class Refcounts {
   tableOffset: number;
   tableClusters: number;
   private table: Float64Array;
+  /** Changes whenever a refcount block is added, moved or dropped (or the table moves). */
+  tableVersion = 0;
   private readonly blocks: TableCache<DataView>;
   private readonly releases: number[] = [];
   /**
@@ -243,6 +245,7 @@ export class Refcounts {
       const offset = this.table[t];
       const index = offset / cs;
       this.table[t] = 0;
+      this.tableVersion++;
       this.blocks.delete(offset);
       // A block covering itself went with the table entry; another one counts it elsewhere.
       if (Math.floor(index / be) !== t) await this.update(index, -1, () => Promise.resolve());
@@ -340,6 +343,7 @@ export class Refcounts {
     setU64(view(e), 0, offset);
     await this.storage.write(e, this.tableOffset + t * 8);
     this.table[t] = offset;
+    this.tableVersion++;
   }
 
   private async growTable(minEntries: number, onTableMoved: TableMoved): Promise<void> {
@@ -389,6 +393,7 @@ export class Refcounts {
     this.table = table;
     this.tableOffset = tableOffset;
     this.tableClusters = clusters;
+    this.tableVersion++;
     for (let i = 0; i < oldClusters; i++) this.release(oldOffset / cs + i);
   }
 }

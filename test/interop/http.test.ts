@@ -178,7 +178,7 @@ test("http: errors name the URL: ranges ignored, 404 (of the image, of a backing
   http.ignoreRanges = true;
   let r = await qcowkit(["info", u]);
   assert.equal(r.code, 1);
-  assert.equal(r.stderr, `qcowkit: server does not support range requests: ${u}\n`);
+  assert.equal(r.stderr, `qcowkit: Could not open '${u}': server does not support range requests: ${u}\n`);
   http.ignoreRanges = false;
 
   r = await qcowkit(["info", url("nothing.qcow2")]);

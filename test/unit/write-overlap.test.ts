@@ -44,3 +44,36 @@ for (const [kind, find] of [
     assert.equal(view(after).getBigUint64(72) & 2n, 2n, "corrupt bit");
   });
 }
+
+// qemu-iotests 060: an L2 entry (with COPIED) pointing at metadata makes a write to that guest
+// cluster an in-place write onto the metadata; QEMU refuses it and marks the image corrupt.
+for (const [kind, find] of [
+  ["active L1 table", (b: Uint8Array) => Number(view(b).getBigUint64(40))],
+  ["refcount block", (b: Uint8Array) => Number(view(b).getBigUint64(Number(view(b).getBigUint64(48))))],
+  ["refcount table", (b: Uint8Array) => Number(view(b).getBigUint64(48))],
+] as const) {
+  test(`a write into an owned cluster that is the ${kind} is refused and the image marked corrupt`, async () => {
+    const built = buildImage({
+      size: 1024 * 1024,
+      clusterBits: 12,
+      clusters: [{ guestCluster: 0, kind: "data", data: pattern(CS, 1) }],
+    });
+    const bytes = built.bytes.slice();
+    const target = find(bytes);
+    const l2 = Number(view(bytes).getBigUint64(Number(view(bytes).getBigUint64(40))) & 0xffffffffffffen);
+    // Guest cluster 1 now "owns" the metadata cluster.
+    view(bytes).setBigUint64(l2 + 8, (1n << 63n) | BigInt(target));
+    const storage = new MemoryStorage(bytes);
+    const before = storage.bytes().slice(target, target + CS);
+    const img = await Qcow2Image.open(storage, { readOnly: false });
+    await assert.rejects(img.write(new Uint8Array(512).fill(9), CS + 512), (e: unknown) => {
+      assert.match(String(e), new RegExp(`Preventing invalid write on metadata \\(overlaps with ${kind}\\)`));
+      return true;
+    });
+    await assert.rejects(img.write(new Uint8Array(CS), 0), /corrupt/);
+    await img.close();
+    const after = storage.bytes();
+    assert.deepEqual(after.slice(target, target + CS), before, `${kind} was overwritten`);
+    assert.equal(view(after).getBigUint64(72) & 2n, 2n, "corrupt bit");
+  });
+}
