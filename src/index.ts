@@ -28,7 +28,6 @@ export {
   type OpenImageOptions,
   openImage,
   probeFormat,
-  type StorageOpener,
 } from "./image/open.js";
 export { Qcow2Image, type Qcow2OpenOptions } from "./image/qcow2.js";
 export { RawImage } from "./image/raw.js";
@@ -43,8 +42,15 @@ export {
   SnapshotError,
   type SnapshotRef,
 } from "./image/snapshots.js";
+export {
+  createHttpOpener,
+  HttpStorage,
+  type HttpStorageOptions,
+  httpOpener,
+  isHttpUrl,
+} from "./io/http.js";
 export { MemoryStorage } from "./io/memory.js";
-export type { Storage } from "./io/storage.js";
+export { combinePath, type Storage, type StorageOpener } from "./io/storage.js";
 export { backingChain, type CommitOptions, commit, findBackingImage } from "./ops/commit.js";
 export { type MeasureInfo, type MeasureOptions, measure } from "./ops/measure.js";
 export { type RebaseOptions, rebase } from "./ops/rebase.js";

@@ -4,24 +4,22 @@
  */
 import { realpath } from "node:fs/promises";
 import { nodeCodecs } from "./codec/node.js";
-import { type Image, type OpenImageOptions, openImage, type StorageOpener } from "./image/open.js";
+import { type Image, type OpenImageOptions, openImage } from "./image/open.js";
 import { FileStorage } from "./io/file.js";
+import { httpOpener, isHttpUrl } from "./io/http.js";
+import { combinePath, type StorageOpener } from "./io/storage.js";
 
 export { nodeCodecs, nodeZlib, nodeZstd } from "./codec/node.js";
 export { FileStorage } from "./io/file.js";
+export { combinePath } from "./io/storage.js";
 export { type NbdExport, NbdServer, type NbdServerOptions } from "./nbd/server.js";
 
-/** QEMU's path_combine: a relative name is taken from the directory of the image naming it. */
-export function combinePath(base: string, relative: string): string {
-  if (relative.startsWith("/") || /^[a-z][a-z0-9+.-]*:/i.test(relative)) return relative;
-  const slash = base.lastIndexOf("/");
-  return slash < 0 ? relative : base.slice(0, slash + 1) + relative;
-}
-
+/** Local files with FileStorage, http:// and https:// URLs with HttpStorage (read-only). */
 export const fileOpener: StorageOpener = {
-  open: (name, { readOnly }) => FileStorage.open(name, { readOnly }),
+  open: (name, opts) => (isHttpUrl(name) ? httpOpener.open(name, opts) : FileStorage.open(name, opts)),
   resolve: combinePath,
   async identity(name) {
+    if (isHttpUrl(name)) return httpOpener.identity(name);
     try {
       return await realpath(name);
     } catch {
@@ -33,11 +31,12 @@ export const fileOpener: StorageOpener = {
 /** A file opener whose writable files do not sync on flush (qemu-img's cache=unsafe). */
 export const unsafeFileOpener: StorageOpener = {
   ...fileOpener,
-  open: (name, { readOnly }) => FileStorage.open(name, { readOnly, unsafe: true }),
+  open: (name, opts) =>
+    isHttpUrl(name) ? httpOpener.open(name, opts) : FileStorage.open(name, { ...opts, unsafe: true }),
 };
 
 /**
- * Opens an image file (and its backing chain) with Node's file system and codecs.
+ * Opens an image file or URL (and its backing chain) with Node's file system, fetch and codecs.
  * `cache: "unsafe"` skips syncing to disk on flush, as qemu-img's convert does by default.
  */
 export function openImageFile(

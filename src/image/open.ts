@@ -5,21 +5,14 @@
 import type { Codecs } from "../codec/codec.js";
 import { invalidArgument, QcowError } from "../errors.js";
 import { QCOW2_MAGIC } from "../format/header.js";
-import type { Storage } from "../io/storage.js";
+import type { Storage, StorageOpener } from "../io/storage.js";
 import { Qcow2Image } from "./qcow2.js";
 import { RawImage } from "./raw.js";
 
+export type { StorageOpener } from "../io/storage.js";
+
 export type ImageFormat = "qcow2" | "raw";
 export type Image = Qcow2Image | RawImage;
-
-/** How names become storage: files in Node, URLs in a browser. */
-export interface StorageOpener {
-  open(name: string, opts: { readOnly: boolean }): Promise<Storage>;
-  /** The name of `relative` as seen from the image called `base` (QEMU's path_combine). */
-  resolve(base: string, relative: string): string;
-  /** A key that is equal for two names of the same file (for loop detection). */
-  identity(name: string): Promise<string>;
-}
 
 /** An error about the backing chain, already naming where it went wrong. */
 class ChainError extends QcowError {}

@@ -34,3 +34,22 @@ export async function readFull(s: Storage, dst: Uint8Array, offset: number): Pro
   const n = await s.read(dst, offset);
   if (n < dst.length) dst.fill(0, n);
 }
+
+/** How names become storage: files in Node, URLs (HttpStorage) anywhere. */
+export interface StorageOpener {
+  open(name: string, opts: { readOnly: boolean }): Promise<Storage>;
+  /** The name of `relative` as seen from the image called `base` (QEMU's path_combine). */
+  resolve(base: string, relative: string): string;
+  /** A key that is equal for two names of the same file (for loop detection). */
+  identity(name: string): Promise<string>;
+}
+
+/**
+ * QEMU's path_combine: a relative name is taken from the directory of the image naming it (for
+ * a URL, relative to its last "/"); absolute paths and names with a protocol stay as they are.
+ */
+export function combinePath(base: string, relative: string): string {
+  if (relative.startsWith("/") || /^[a-z][a-z0-9+.-]*:/i.test(relative)) return relative;
+  const slash = base.lastIndexOf("/");
+  return slash < 0 ? relative : base.slice(0, slash + 1) + relative;
+}
