@@ -53,4 +53,10 @@ export { MemoryStorage } from "./io/memory.js";
 export { combinePath, type Storage, type StorageOpener } from "./io/storage.js";
 export { backingChain, type CommitOptions, commit, findBackingImage } from "./ops/commit.js";
 export { type MeasureInfo, type MeasureOptions, measure } from "./ops/measure.js";
+export {
+  createOverlay,
+  type OverlayCreateOptions,
+  type OverlayOptions,
+  openOverlay,
+} from "./ops/overlay.js";
 export { type RebaseOptions, rebase } from "./ops/rebase.js";

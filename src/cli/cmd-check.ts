@@ -3,8 +3,8 @@ import { QcowError } from "../errors.js";
 import { CheckFailed, type CheckResult, checkQcow2, FIX_ERRORS, FIX_LEAKS } from "../image/check.js";
 import { parseFormat, probeFormat } from "../image/open.js";
 import { Qcow2Image } from "../image/qcow2.js";
-import { FileStorage } from "../io/file.js";
-import { combinePath, openImageFile } from "../node.js";
+import type { Storage } from "../io/storage.js";
+import { combinePath, fileOpener, openImageFile } from "../node.js";
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanCheck } from "./human.js";
@@ -39,7 +39,7 @@ function json(c: CheckResult, filename: string): string {
 }
 
 /** As qemu-img, which opens the whole image: a backing file or data file that is missing fails the check. */
-async function openDependencies(storage: FileStorage, file: string): Promise<void> {
+async function openDependencies(storage: Storage, file: string): Promise<void> {
   let header: Awaited<ReturnType<typeof Qcow2Image.readHeader>>;
   try {
     header = await Qcow2Image.readHeader(storage, true);
@@ -59,7 +59,7 @@ async function openDependencies(storage: FileStorage, file: string): Promise<voi
       await backing.close();
     }
     if (extensions.dataFile !== undefined) {
-      await (await FileStorage.open(combinePath(file, extensions.dataFile), { readOnly: true })).close();
+      await (await fileOpener.open(combinePath(file, extensions.dataFile), { readOnly: true })).close();
     }
   } catch (e) {
     throw new ExitError(`Could not open '${file}': ${(e as Error).message}`);
@@ -100,7 +100,7 @@ export const check: Command = {
     const say = (s: string): void => {
       if (!quiet) process.stdout.write(s);
     };
-    const storage = await FileStorage.open(file, { readOnly: fix === 0 });
+    const storage = await fileOpener.open(file, { readOnly: fix === 0 });
     try {
       const given = formatOption(v.f as string | undefined);
       const format = given ?? (await probeFormat(storage));

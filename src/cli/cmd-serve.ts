@@ -2,6 +2,7 @@
 import { lstat, unlink } from "node:fs/promises";
 import { QcowError } from "../errors.js";
 import { Qcow2Image } from "../image/qcow2.js";
+import { isHttpUrl } from "../io/http.js";
 import { NbdServer } from "../nbd/server.js";
 import { openImageFile } from "../node.js";
 import type { Command } from "./commands.js";
@@ -15,6 +16,7 @@ export const serve: Command = {
     "qcowkit serve [-b ADDR] [-p PORT | -k SOCKET] [-x NAME] [-D TEXT] [-r] [-e N] [-t] [-f FMT] [-l SNAPSHOT] FILE",
   help: [
     "Serves an image over NBD, as qemu-nbd does (qcow2 with its backing chain, or raw).",
+    "FILE may be an http:// or https:// URL (read-only: give --read-only).",
     "",
     "  -b, --bind ADDR         address to listen on (default 127.0.0.1)",
     "  -p, --port N            TCP port (default 10809)",
@@ -55,6 +57,11 @@ export const serve: Command = {
     const l = str(v, "load-snapshot");
     const snapshot = l === undefined ? undefined : (/^snapshot\.(?:name|id)=(.*)$/.exec(l)?.[1] ?? l);
     const readOnly = v["read-only"] === true || snapshot !== undefined;
+    if (isHttpUrl(file) && !readOnly) {
+      throw new ExitError(
+        `Could not open '${file}': the http driver does not support writes (serve it with --read-only)`,
+      );
+    }
     const img = await openImageFile(file, { format: formatOption(str(v, "format")), readOnly, snapshot });
     const fastZero = img instanceof Qcow2Image && img.header.version >= 3 && !img.dataFile;
     const server = new NbdServer({

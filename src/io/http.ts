@@ -475,7 +475,7 @@ export function createHttpOpener(opts: HttpStorageOptions = {}): StorageOpener {
         throw new QcowError("invalid-argument", `Could not open '${name}': not an http(s) URL`);
       }
       if (!readOnly) {
-        throw new QcowError("read-only", `Could not open '${name}': HTTP(S) images are read-only`);
+        throw new QcowError("read-only", `Could not open '${name}': the http driver does not support writes`);
       }
       return HttpStorage.open(name, opts);
     },
