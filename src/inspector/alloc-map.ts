@@ -132,5 +132,5 @@ export function cellColour(cls: CellClass, depth: number, full: boolean): [numbe
   const shades = PALETTE[cls];
   const rgb = shades[Math.min(cls === UNALLOCATED ? 0 : depth, shades.length - 1)];
   if (full) return rgb;
-  return rgb.map((v) => Math.round(v + (255 - v) * 0.55)) as [number, number, number];
+  return rgb.map((v) => Math.round(v + (255 - v) * 0.4)) as [number, number, number];
 }

@@ -69,7 +69,15 @@ function showSection(id: string, show = true): void {
 }
 
 function message(e: unknown): string {
-  return e instanceof Error ? e.message : String(e);
+  return (e instanceof Error && e.message) || String(e);
+}
+
+/** Runs one inspection after the one before it, whatever became of that one. */
+function queue(job: () => Promise<void>): void {
+  busy = busy.then(job).catch((e: unknown) => {
+    $("error").textContent = message(e);
+    setState("error");
+  });
 }
 
 function reset(): void {
@@ -280,7 +288,7 @@ async function topOfPicked(files: File[]): Promise<File> {
 }
 
 function openFiles(files: File[]): void {
-  busy = busy.then(async () => {
+  queue(async () => {
     const top = await topOfPicked(files);
     await inspect({
       label: top.name,
@@ -291,7 +299,7 @@ function openFiles(files: File[]): void {
 }
 
 function openUrl(text: string): void {
-  busy = busy.then(async () => {
+  queue(async () => {
     let url: string;
     try {
       url = new URL(text, location.href).href;
