@@ -392,7 +392,7 @@ describe("library bundle in a page", () => {
     }
   });
 
-  test("an OPFS overlay on a Blob image: write, reopen, read back; qemu-img checks and compares it", async () => {
+  test("an OPFS overlay on a Blob image: write, reopen over HTTP, read back; qemu-img checks and reads it", async () => {
     const page = await browser.newPage();
     try {
       await page.goto(server.page);
@@ -408,7 +408,8 @@ describe("library bundle in a page", () => {
           await ov.write(written, 512 * 1024 + 333); // partly over the backing file's data
           await ov.close();
         }
-        const backing = await q.openImageFiles(baseBlob);
+        // Reopened over a remote backing file this time: the same base.qcow2, by range requests.
+        const backing = await q.openImage(baseUrl, { opener: q.httpOpener, codecs: q.browserCodecs() });
         const st = await q.OpfsStorage.openPath("t/overlay.qcow2");
         const ov = await q.openOverlay(st, backing);
         const buf = new Uint8Array(2 * 1024 * 1024);
