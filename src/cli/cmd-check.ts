@@ -72,6 +72,7 @@ export const check: Command = {
   help: [
     "Checks a qcow2 image for consistency, as qemu-img check does: every reference to every host",
     "cluster is counted and compared with the refcounts, and the COPIED flags with them.",
+    "FILE may be an http:// or https:// URL (read-only: not with -r).",
     "",
     "  -r leaks   free leaked clusters",
     "  -r all     also repair refcounts, COPIED flags and broken refcount structures",

@@ -78,7 +78,10 @@ const SHARE_OPTIONS: Options = {
 const info: Command = {
   name: "info",
   synopsis: "qcowkit info [-f FMT] [--output human|json] [--backing-chain] [-U] FILE",
-  help: "Shows what an image is: format, sizes, backing file, snapshots and format details.",
+  help: [
+    "Shows what an image is: format, sizes, backing file, snapshots and format details.",
+    "FILE may be an http:// or https:// URL (its disk size is then unavailable).",
+  ].join("\n"),
   options: {
     f: { type: "string", short: "f" },
     output: { type: "string" },
@@ -120,7 +123,10 @@ const info: Command = {
 const map: Command = {
   name: "map",
   synopsis: "qcowkit map [-f FMT] [--output human|json] [--start-offset OFFSET] [--max-length LEN] [-U] FILE",
-  help: "Lists the guest address space: where data, zeros and holes are, and which layer holds them.",
+  help: [
+    "Lists the guest address space: where data, zeros and holes are, and which layer holds them.",
+    "FILE may be an http:// or https:// URL.",
+  ].join("\n"),
   options: {
     f: { type: "string", short: "f" },
     output: { type: "string" },
@@ -186,7 +192,7 @@ const convertCmd: Command = {
   synopsis:
     "qcowkit convert [-f FMT] [-O qcow2|raw] [-o OPTIONS] [-c] [-B BACKING [-F FMT]] [-n] [-l snapshot.name=NAME | -s NAME] [-S SIZE] [-m N] [-W] [-t CACHE] [-p] [-q] SRC... DST",
   help: [
-    "Copies the guest contents of SRC (several are concatenated) into DST.",
+    "Copies the guest contents of SRC (several are concatenated) into DST. SRC may be an http:// or https:// URL.",
     "  -O FMT       output format: raw (default) or qcow2",
     "  -o OPTIONS   qcow2 creation options, as for create (compat, cluster_size, compression_type, ...)",
     "  -c           compress the output clusters (qcow2; zlib or zstd per compression_type)",
@@ -299,7 +305,10 @@ const convertCmd: Command = {
 const compare: Command = {
   name: "compare",
   synopsis: "qcowkit compare [-f FMT] [-F FMT] [-p] [-q] [-s] [-U] FILE1 FILE2",
-  help: "Compares the guest contents of two images: exit 0 identical, 1 different, 2 on error.",
+  help: [
+    "Compares the guest contents of two images: exit 0 identical, 1 different, 2 on error.",
+    "FILE1 and FILE2 may be http:// or https:// URLs.",
+  ].join("\n"),
   options: {
     f: { type: "string", short: "f" },
     F: { type: "string", short: "F" },
@@ -340,6 +349,7 @@ const create: Command = {
   synopsis: "qcowkit create [-f qcow2|raw] [-o OPTIONS] [-b BACKING [-F FMT]] [-u] [-q] FILE [SIZE]",
   help: [
     "Creates a new image. SIZE takes k, M, G, T, P, E suffixes; with -b it defaults to the backing file's size.",
+    "BACKING may be an http:// or https:// URL: FILE is then a local overlay on the remote image.",
     "qcow2 options (-o a=b,c=d): compat=0.10|1.1, cluster_size, refcount_bits=1..64, lazy_refcounts=on|off,",
     "  compression_type=zlib|zstd, extended_l2=on|off, preallocation=off|metadata|falloc|full,",
     "  backing_file, backing_fmt, data_file, data_file_raw=on|off",
@@ -397,6 +407,7 @@ export function usage(): string {
     "Commands:",
     ...commands.map((c) => `  ${c.synopsis}`),
     "",
+    "Image names may be http:// or https:// URLs where qemu-img's curl driver takes them (read-only).",
     "Run 'qcowkit COMMAND --help' for a command's options. Set QCOWKIT_DEBUG=1 for stack traces.",
     "",
   ].join("\n");

@@ -7,9 +7,11 @@ import { createServer } from "node:http";
 import type { AddressInfo } from "node:net";
 import { after, before, beforeEach, test } from "node:test";
 import { QcowError } from "../../src/errors.js";
-import { HttpStorage, type HttpStorageOptions } from "../../src/io/http.js";
+import { openImage } from "../../src/image/open.js";
+import { HttpStorage, type HttpStorageOptions, httpOpener } from "../../src/io/http.js";
 import { type HttpFixture, startHttpServer } from "../http-server.js";
 import { BASE_SEED, Prng } from "../prng.js";
+import { buildImage, pattern, readAll } from "./build-image.js";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -325,4 +327,33 @@ test("http: read-only; headers and the injected fetch are used for every request
   await s.close();
   await rejectsWith(s.read(new Uint8Array(1), 0), "io", /closed/);
   await rejectsWith(HttpStorage.open("ftp://example.com/x", fast), "invalid-argument", /not an http\(s\) URL/);
+});
+
+test("httpOpener: a backing chain over HTTP, relative names resolved against the URL; no read-write", async () => {
+  const base = buildImage({ size: 4 * 65536, clusters: [{ guestCluster: 1, kind: "data", data: pattern(65536, 3) }] });
+  const top = buildImage({
+    size: 4 * 65536,
+    backingFile: "../base.qcow2",
+    backingFormat: "qcow2",
+    clusters: [{ guestCluster: 2, kind: "data", data: pattern(65536, 4) }],
+  });
+  http.put("vm/base.qcow2", base.bytes);
+  http.put("vm/disks/top.qcow2", top.bytes);
+  const img = await openImage(http.url("vm/disks/top.qcow2"), { opener: httpOpener });
+  assert.equal(img.format === "qcow2" && img.backingFilename, `${http.origin}/vm/disks/../base.qcow2`);
+  assert.deepEqual(await readAll(img), top.expected(base.expected()));
+  await img.close();
+  assert.deepEqual(
+    http.requests.filter((r) => r.method === "HEAD").map((r) => r.path),
+    ["vm/disks/top.qcow2", "vm/base.qcow2"],
+  );
+  assert.equal(httpOpener.resolve("http://h/a/b.qcow2", "c.qcow2"), "http://h/a/c.qcow2");
+  assert.equal(httpOpener.resolve("http://h/a/b.qcow2", "https://x/y"), "https://x/y");
+  assert.equal(await httpOpener.identity("HTTP://H:80/a/../b"), "http://h/b");
+  await rejectsWith(
+    httpOpener.open(http.url("vm/base.qcow2"), { readOnly: false }),
+    "read-only",
+    /^Could not open '.*\/vm\/base\.qcow2': the http driver does not support writes$/,
+  );
+  await rejectsWith(httpOpener.open("/etc/passwd", { readOnly: true }), "invalid-argument", /not an http\(s\) URL/);
 });
