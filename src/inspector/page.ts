@@ -105,7 +105,14 @@ async function inspect(source: Source): Promise<void> {
     }
     await showInfo(img, note);
     status(`Mapping ${source.label}…`);
-    await showMap(img);
+    // An image qcowkit describes but cannot map (an encrypted one) still gets its check.
+    await showMap(img).catch((e: unknown) => {
+      $<HTMLCanvasElement>("map").width = 0;
+      $("legend").replaceChildren();
+      $("map-about").textContent = "";
+      $("map-stats").textContent = `No map: ${message(e)}`;
+      showSection("map");
+    });
     status(`Checking ${source.label}…`);
     await showCheck(img);
     status(`${source.label}: done`);
@@ -292,7 +299,7 @@ function openFiles(files: File[]): void {
     const top = await topOfPicked(files);
     await inspect({
       label: top.name,
-      open: (noBacking) => openImage(top.name, { opener: blobOpener(files), codecs, noBacking, metadataOnly: false }),
+      open: (noBacking) => openImage(top.name, { opener: blobOpener(files), codecs, noBacking, metadataOnly: true }),
       backingHint: "Pick the backing files together with the image (several files at once) to see the whole chain.",
     });
   });
@@ -311,7 +318,7 @@ function openUrl(text: string): void {
     }
     await inspect({
       label: url,
-      open: (noBacking) => openImage(url, { opener: urlOpener, codecs, noBacking }),
+      open: (noBacking) => openImage(url, { opener: urlOpener, codecs, noBacking, metadataOnly: true }),
       backingHint: "The backing file must be reachable at that URL.",
     });
   });

@@ -82,7 +82,19 @@ before(async () => {
     ]);
   }
   await qemuImgOk(["convert", "-q", "-O", "raw", file("zstd.qcow2"), file("expected.raw")]);
-  const images = ["top.qcow2", "huge.qcow2", "zlib.qcow2", "zstd.qcow2", "base.qcow2"].map(file);
+  await qemuImgOk([
+    "create",
+    "-q",
+    "-f",
+    "qcow2",
+    "--object",
+    "secret,id=sec0,data=123456",
+    "-o",
+    "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+    file("luks.qcow2"),
+    "4M",
+  ]);
+  const images = ["luks.qcow2", "top.qcow2", "huge.qcow2", "zlib.qcow2", "zstd.qcow2", "base.qcow2"].map(file);
   server = await startInspect(images);
   browser = await launchChromium();
   await mkdir(ARTIFACTS, { recursive: true });
@@ -234,6 +246,29 @@ describe("inspector page", () => {
       assert.deepEqual(await pixelAt(page, TiB / 2), cellColour(UNALLOCATED, 0, true));
       assert.match(await text(page, "#check"), /No errors were found on the image/);
       await page.locator("#map").screenshot({ path: path.join(ARTIFACTS, "inspector-map-4t.png") });
+    } finally {
+      await page.close();
+    }
+  });
+
+  test("an encrypted image: described, not mapped, still checked", async () => {
+    const page = await browser.newPage();
+    try {
+      await page.goto(urlOf("luks.qcow2"));
+      await waitDone(page);
+      const info = await text(page, "#info");
+      assert.match(info, /^encrypted: yes$/m);
+      assert.match(info, /format: luks/);
+      assert.match(await text(page, "#map-stats"), /^No map: Encrypted images are not supported/);
+      // qemu-img checks it only given the key; qcowkit's check reads no encrypted data.
+      const qemu = await qemuImgOk([
+        "check",
+        "--object",
+        "secret,id=sec0,data=123456",
+        "--image-opts",
+        `driver=qcow2,file.filename=${file("luks.qcow2")},encrypt.key-secret=sec0`,
+      ]);
+      assert.equal(await text(page, "#check"), qemu.stdout.trimEnd());
     } finally {
       await page.close();
     }
