@@ -364,6 +364,7 @@ export class HttpStorage implements Storage {
    */
   private async attempt<T>(where: string, request: (signal: AbortSignal) => Promise<T>): Promise<T> {
     for (let tries = 0; ; tries++) {
+      if (this.closed) throw new QcowError("io", `${where}: the storage was closed`);
       const controller = new AbortController();
       const timer = setTimeout(() => controller.abort(new Transient("timed out")), this.opts.timeoutMs);
       this.inFlight.add(controller);
