@@ -7,7 +7,7 @@ import type { Storage } from "../io/storage.js";
 import { combinePath, fileOpener, openImageFile, sharedFileOpener } from "../node.js";
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
-import { printf2 } from "./progress.js";
+import { humanCheck } from "./human.js";
 import { toQemuJson } from "./qobject.js";
 
 function fixMode(r: string | undefined): number {
@@ -17,29 +17,6 @@ function fixMode(r: string | undefined): number {
   throw new ExitError(
     `Unknown option value for -r (expecting 'leaks' or 'all'): ${r}\nTry 'qcowkit --help' for more information`,
   );
-}
-
-function human(c: CheckResult): string {
-  let out = "";
-  if (!(c.corruptions || c.leaks || c.checkErrors)) {
-    out += "No errors were found on the image.\n";
-  } else {
-    if (c.corruptions) {
-      out += `\n${c.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`;
-    }
-    if (c.leaks) {
-      out += `\n${c.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`;
-    }
-    if (c.checkErrors) out += `\n${c.checkErrors} internal errors have occurred during the check.\n`;
-  }
-  if (c.totalClusters !== 0 && c.allocatedClusters !== 0) {
-    out +=
-      `${c.allocatedClusters}/${c.totalClusters} = ${printf2((c.allocatedClusters * 100) / c.totalClusters)}% allocated, ` +
-      `${printf2((c.fragmentedClusters * 100) / c.allocatedClusters)}% fragmented, ` +
-      `${printf2((c.compressedClusters * 100) / c.allocatedClusters)}% compressed clusters\n`;
-  }
-  if (c.imageEndOffset) out += `Image end offset: ${c.imageEndOffset}\n`;
-  return out;
 }
 
 /** The ImageCheck QAPI object: fields in its schema order, optional ones only when non-zero. */
@@ -162,7 +139,7 @@ export const check: Command = {
         const { leaksFixed, corruptionsFixed } = result;
         result = { ...(await run(0)), leaksFixed, corruptionsFixed };
       }
-      say(output === "human" ? human(result) : `${json(result, file)}\n`);
+      say(output === "human" ? humanCheck(result) : `${json(result, file)}\n`);
       if (result.checkErrors) throw new ExitError("Check failed");
       return result.corruptions ? 2 : result.leaks ? 3 : 0;
     } finally {

@@ -16,6 +16,7 @@ import { amend } from "./cmd-amend.js";
 import { bitmap } from "./cmd-bitmap.js";
 import { check } from "./cmd-check.js";
 import { commitCommand } from "./cmd-commit.js";
+import { inspect } from "./cmd-inspect.js";
 import { measureCommand } from "./cmd-measure.js";
 import { rebaseCommand } from "./cmd-rebase.js";
 import { resize } from "./cmd-resize.js";
@@ -397,6 +398,7 @@ export const commands: Command[] = [
   amend,
   bitmap,
   serve,
+  inspect,
 ];
 
 export function usage(): string {

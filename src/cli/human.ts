@@ -2,7 +2,9 @@
 import { QcowError } from "../errors.js";
 import { textEncoder } from "../format/bytes.js";
 import type { Extent } from "../image/block-device.js";
+import type { CheckResult } from "../image/check.js";
 import type { ImageInfo, SnapshotInfo } from "../ops/info.js";
+import { printf2 } from "./progress.js";
 import { dumpHuman, type QObject } from "./qobject.js";
 
 /** C's printf("%0.3g", v) for the values size_to_str produces (0 <= v < 1000). */
@@ -105,4 +107,28 @@ export function jsonMapEntry(e: Extent): string {
   let s = `{ "start": ${e.start}, "length": ${e.length}, "depth": ${e.depth}, "present": ${e.present}, "zero": ${e.zero}, "data": ${e.data}`;
   if (e.offset !== undefined) s += `, "offset": ${e.offset}`;
   return `${s}}`;
+}
+
+/** qemu-img check's human summary (the findings themselves go to stderr, one line each). */
+export function humanCheck(c: CheckResult): string {
+  let out = "";
+  if (!(c.corruptions || c.leaks || c.checkErrors)) {
+    out += "No errors were found on the image.\n";
+  } else {
+    if (c.corruptions) {
+      out += `\n${c.corruptions} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.\n`;
+    }
+    if (c.leaks) {
+      out += `\n${c.leaks} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.\n`;
+    }
+    if (c.checkErrors) out += `\n${c.checkErrors} internal errors have occurred during the check.\n`;
+  }
+  if (c.totalClusters !== 0 && c.allocatedClusters !== 0) {
+    out +=
+      `${c.allocatedClusters}/${c.totalClusters} = ${printf2((c.allocatedClusters * 100) / c.totalClusters)}% allocated, ` +
+      `${printf2((c.fragmentedClusters * 100) / c.allocatedClusters)}% fragmented, ` +
+      `${printf2((c.compressedClusters * 100) / c.allocatedClusters)}% compressed clusters\n`;
+  }
+  if (c.imageEndOffset) out += `Image end offset: ${c.imageEndOffset}\n`;
+  return out;
 }
