@@ -1,8 +1,8 @@
 /** `qcowkit create`: qemu-img create's options, its "Formatting ..." line and its refusals. */
 import { rm } from "node:fs/promises";
 import { invalidArgument, QcowError } from "../errors.js";
-import type { Qcow2Image } from "../image/qcow2.js";
 import { OpenError } from "../image/open.js";
+import type { Qcow2Image } from "../image/qcow2.js";
 import { FileStorage } from "../io/file.js";
 import { combinePath, openImageFile } from "../node.js";
 import { type Preallocation, type Qcow2CreateOptions, validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";

@@ -478,7 +478,16 @@ export function createHttpOpener(opts: HttpStorageOptions = {}): StorageOpener {
       if (!readOnly) {
         throw new QcowError("read-only", `Could not open '${name}': the http driver does not support writes`);
       }
-      return HttpStorage.open(name, opts);
+      try {
+        return await HttpStorage.open(name, opts);
+      } catch (e) {
+        // Opening an image names the file itself (as qemu-img does, once for a URL).
+        const prefix = `Could not open '${name}': `;
+        if (e instanceof QcowError && e.message.startsWith(prefix)) {
+          throw new QcowError(e.code, e.message.slice(prefix.length), { cause: e });
+        }
+        throw e;
+      }
     },
     resolve: combinePath,
     async identity(name) {

@@ -193,7 +193,8 @@ test("http: errors name the URL: ranges ignored, 404 (of the image, of a backing
   assert.equal(r.code, 1);
   assert.equal(
     r.stderr,
-    `qcowkit: Could not open backing file: Could not open '${http.url("orphan/gone.qcow2")}': HTTP 404 Not Found\n`,
+    // As qemu-img words it for its curl driver: the image, then the backing file's error.
+    `qcowkit: Could not open '${http.url("orphan/orphan.qcow2")}': Could not open backing file: HTTP 404 Not Found\n`,
   );
 
   http.failures = 3;
