@@ -1,7 +1,7 @@
 /**
  * qcowkit/browser: the core plus what runs only in browsers — codecs without Node (deflate in
  * JavaScript, zstd in WebAssembly), picked files (Blob/File) and the Origin Private File System
- * as Storage. Bundled as dist/browser/qcowkit.js by `npm run build:browser`.
+ * as Storage. Bundled as dist/browser/qcowkit.js by `npm run build:bundles`.
  */
 import { browserCodecs } from "./codec/browser.js";
 import { type Image, type OpenImageOptions, openImage } from "./image/open.js";

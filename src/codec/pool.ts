@@ -20,7 +20,7 @@ export class CompressionPool implements Compressor {
     threads = availableParallelism(),
   ) {
     for (let i = 0; i < Math.max(1, threads); i++) {
-      const worker = new Worker(new URL("./compress-worker.js", import.meta.url));
+      const worker = new Worker(new URL("../codec/compress-worker.js", import.meta.url));
       worker.on("message", (reply: CompressReply) => {
         const p = this.pending.get(reply.id);
         if (!p) return;
