@@ -284,8 +284,8 @@ const convertCmd: Command = {
         minSparse,
         parallel,
         targetZeroed,
-        // Order only matters where writes allocate (the layout of a new qcow2 image).
-        outOfOrder: Boolean(v.W) || out.format === "raw",
+        // In order unless -W, as qemu-img: one writer at a time, clusters allocated in guest order.
+        outOfOrder: Boolean(v.W),
         topLayerOnly: str(v, "B") !== undefined,
         compressor,
         onProgress: (f) => progress.update(f),

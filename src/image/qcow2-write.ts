@@ -539,7 +539,7 @@ export class Qcow2Writer {
       snapshots: img.snapshots,
       bitmapDirectory: img.extensions.bitmaps,
       l2Tables: img.l1,
-      refcountBlocks: this.refcounts.blockOffsets(),
+      refcountBlocks: this.refcounts.tableEntries,
     };
   }
 

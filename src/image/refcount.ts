@@ -302,6 +302,11 @@ export class Refcounts {
     }
   }
 
+  /** The refcount table as it is in memory (0: no block), for overlap checks; not to be changed. */
+  get tableEntries(): ArrayLike<number> {
+    return this.table;
+  }
+
   /** The offsets of the refcount blocks in use. */
   blockOffsets(): number[] {
     return [...this.table].filter((b) => b !== 0);

@@ -109,26 +109,19 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     done += n;
     opts.onProgress?.(total === 0 ? 1 : done / total);
   };
-  // Without -W, each chunk's writes start only after the previous chunk's have started (the
-  // place in line is taken when the chunk is dispatched, in guest order), so a new image
-  // allocates its clusters in guest order while the writes themselves run in parallel.
-  let previousStarted: Promise<void> = Promise.resolve();
+  // Without -W, a chunk's writes start only once the previous chunk's writes are done (the
+  // place in line is taken when the chunk is dispatched, in guest order), as qemu-img does: a
+  // new image allocates its clusters in guest order, and one file never has two writers
+  // contending for its inode lock. Reads still run ahead in parallel.
+  let previousDone: Promise<void> = Promise.resolve();
   const takeSlot = (): { run: (write: () => Promise<void>) => Promise<void>; release: () => void } => {
     if (opts.outOfOrder) return { run: (write) => write(), release: () => {} };
-    const previous = previousStarted;
-    let started!: () => void;
-    previousStarted = new Promise<void>((r) => {
-      started = r;
+    const previous = previousDone;
+    let done!: () => void;
+    previousDone = new Promise<void>((r) => {
+      done = r;
     });
-    return {
-      run: (write) =>
-        previous.then(() => {
-          const w = write();
-          started();
-          return w;
-        }),
-      release: () => started(),
-    };
+    return { run: (write) => previous.then(write), release: () => done() };
   };
 
   const copyChunk = async (dst: number, length: number): Promise<void> => {
@@ -212,16 +205,17 @@ async function writeSparse(
     await target.write(buf, offset);
     return;
   }
-  // The runs do not overlap: they are all started at once, in order, so that a new image
-  // allocates their clusters in guest order.
-  const writes: Promise<void>[] = [];
+  // The runs are written one after another, in order: a new image allocates their clusters in
+  // guest order.
+  const writes: (() => Promise<void>)[] = [];
   let runStart = 0;
   let runZero: boolean | undefined;
   const flush = (end: number): void => {
     if (runZero === undefined || end === runStart) return;
     const part = buf.subarray(runStart, end);
-    if (!runZero) writes.push(target.write(part, offset + runStart));
-    else if (!targetZeroed) writes.push(target.writeZeroes(offset + runStart, part.length));
+    const at = offset + runStart;
+    if (!runZero) writes.push(() => target.write(part, at));
+    else if (!targetZeroed) writes.push(() => target.writeZeroes(at, part.length));
   };
   for (let at = 0; at < buf.length; ) {
     const blockEnd = Math.min(buf.length, at + minSparse - ((offset + at) % minSparse));
@@ -235,5 +229,5 @@ async function writeSparse(
     at = blockEnd;
   }
   flush(buf.length);
-  await Promise.all(writes);
+  for (const write of writes) await write();
 }
