@@ -5,8 +5,9 @@
  *
  * Each connection reads request headers in a loop and starts every request at once; replies are
  * written whole, in completion order. A client that sends faster than the image answers is
- * slowed by not reading its socket: at most MAX_INFLIGHT requests and MAX_BUFFERED bytes of
- * replies are outstanding per client, so memory stays bounded whatever clients do.
+ * slowed by not reading its socket: at most MAX_INFLIGHT requests, MAX_BUFFERED bytes of their
+ * data and MAX_UNSENT bytes of replies the socket has not taken yet are outstanding per client,
+ * so memory stays bounded whatever clients do.
  * Malformed input ends the option haggling with the protocol's error or closes the connection;
  * nothing a client sends can reach the image except well-formed, in-bounds requests.
  */
@@ -36,7 +37,8 @@ export interface NbdServerOptions {
   log?: (line: string) => void;
 }
 
-const MAX_INFLIGHT = 64;
+/** Requests in flight per client: 16, as qemu-nbd (MAX_NBD_REQUESTS), which bounds memory too. */
+const MAX_INFLIGHT = 16;
 /** The flags each command may carry besides FUA (valid on every command; it only matters for writes). */
 const COMMAND_FLAGS: Record<number, number> = {
   [P.CMD_READ]: P.CMD_FLAG_DF,
@@ -59,6 +61,11 @@ const KNOWN_OPTIONS = new Set([
   P.OPT_SET_META_CONTEXT,
 ]);
 const MAX_BUFFERED = 64 * 1024 * 1024;
+/**
+ * Replies queued behind a full socket: a client reading slower than the image answers stops
+ * the reading of its requests here (qemu-nbd's requests wait for the socket the same way).
+ */
+const MAX_UNSENT = 4 * 1024 * 1024;
 const MAX_EXTENTS = 1024;
 const CONTEXT_BASE = 1;
 const CONTEXT_DEPTH = 2;
@@ -393,7 +400,7 @@ class Connection {
 
   private get busy(): boolean {
     return (
-      this.inflight >= MAX_INFLIGHT || this.inflightBytes > MAX_BUFFERED || this.socket.writableLength > MAX_BUFFERED
+      this.inflight >= MAX_INFLIGHT || this.inflightBytes > MAX_BUFFERED || this.socket.writableLength > MAX_UNSENT
     );
   }
 
