@@ -32,7 +32,14 @@ import {
   type Qcow2Header,
 } from "../format/header.js";
 import { type Snapshot, snapshotTableSize } from "../format/snapshot.js";
-import { getRefcount, maxRefcount, OFLAG_COMPRESSED_HI, OFLAG_COPIED_HI, setRefcount } from "../format/tables.js";
+import {
+  exactRefcount64,
+  getRefcount,
+  maxRefcount,
+  OFLAG_COMPRESSED_HI,
+  OFLAG_COPIED_HI,
+  setRefcount,
+} from "../format/tables.js";
 import type { Storage } from "../io/storage.js";
 import { type MetadataLayout, overlappingMetadata } from "./overlap.js";
 import { Qcow2Image, readBitmapDirectory, readSnapshotTable } from "./qcow2.js";
@@ -535,7 +542,11 @@ class Checker {
         if (r1 === 0) rebuild = true;
         else if (r1 > r2 && fix & FIX_LEAKS) fixing = "leaks";
         else if (r1 < r2 && fix & FIX_ERRORS) fixing = "corruptions";
-        this.log(`${fixing ? "Repairing" : r1 < r2 ? "ERROR" : "Leaked"} cluster ${i} refcount=${r1} reference=${r2}`);
+        // A saturated 64-bit refcount is printed as stored (QEMU prints the u64).
+        const shown = block && order >= 6 && r1 === Number.MAX_SAFE_INTEGER ? exactRefcount64(block, i - t * E) : r1;
+        this.log(
+          `${fixing ? "Repairing" : r1 < r2 ? "ERROR" : "Leaked"} cluster ${i} refcount=${shown} reference=${r2}`,
+        );
         if (fixing) {
           await this.disk.set(i, r2);
           if (fixing === "leaks") res.leaksFixed++;
