@@ -9,6 +9,8 @@ export const MAX_SNAPSHOT_TABLE_BYTES = 64 * 1024 * 1024;
 export const SNAPSHOT_ENTRY_FIXED = 40;
 export const SNAPSHOT_ENTRY_MAX = SNAPSHOT_ENTRY_FIXED + MAX_SNAPSHOT_EXTRA_DATA + 2 * 0xffff + 7;
 const ENTRY_FIXED = SNAPSHOT_ENTRY_FIXED;
+/** Extra data QEMU knows: vm_state_size_large, disk_size, icount. */
+const KNOWN_EXTRA_DATA = 24;
 
 export interface Snapshot {
   l1TableOffset: number;
@@ -81,21 +83,26 @@ export function snapshotTableSize(snapshots: Snapshot[]): number {
   );
 }
 
-/** Encodes the table; v3 images get extra data through disk_size (and icount when known). */
-export function encodeSnapshotTable(snapshots: Snapshot[], version: number): Uint8Array {
+/**
+ * Encodes the table as QEMU 7.2's qcow2_write_snapshots does, whatever the version: every entry
+ * gets the 24 bytes of extra data QEMU knows (64-bit VM state size, disk size, icount), followed
+ * by any unknown extra data it had. `imageSize` stands in for a disk size that was not recorded
+ * (QEMU takes the image's size when it reads such an entry); an unrecorded icount becomes -1.
+ * `minExtra` 0 or 16 lays entries out as older QEMUs wrote them (for test fixtures).
+ */
+export function encodeSnapshotTable(snapshots: Snapshot[], imageSize: number, minExtra = KNOWN_EXTRA_DATA): Uint8Array {
   const parts = snapshots.map((s) => {
     const id = textEncoder.encode(s.id);
     const name = textEncoder.encode(s.name);
     let extra = s.extra;
-    const wantExtra = version >= 3 ? Math.max(16, s.icount !== undefined ? 24 : 16) : s.extra.length;
-    if (extra.length < wantExtra) {
-      const grown = new Uint8Array(wantExtra);
+    if (extra.length < minExtra) {
+      const grown = new Uint8Array(minExtra);
       grown.set(extra);
       extra = grown;
     }
     const ev = view(extra);
     if (extra.length >= 8) setU64(ev, 0, s.vmStateSize);
-    if (extra.length >= 16) setU64(ev, 8, s.diskSize ?? 0);
+    if (extra.length >= 16) setU64(ev, 8, s.diskSize ?? imageSize);
     if (extra.length >= 24) ev.setBigInt64(16, s.icount ?? -1n);
     const total = Math.ceil((ENTRY_FIXED + extra.length + id.length + name.length) / 8) * 8;
     const b = new Uint8Array(total);

@@ -270,7 +270,7 @@ function clustersFor(bytes: number, cs: number): number {
 }
 
 function encodeTable(img: Qcow2Image, snapshots: Snapshot[]): Uint8Array {
-  const table = encodeSnapshotTable(snapshots, img.header.version);
+  const table = encodeSnapshotTable(snapshots, img.size);
   if (table.length > MAX_SNAPSHOT_TABLE_BYTES) {
     throw new SnapshotError("unsupported", `Snapshot table too large: ${table.length} bytes`, 27);
   }

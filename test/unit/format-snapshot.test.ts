@@ -210,10 +210,10 @@ function snapshot(over: Partial<Snapshot>): Snapshot {
   };
 }
 
-test("encodeSnapshotTable: v3 entry layout at the spec's offsets", () => {
-  const buf = encodeSnapshotTable([snapshot({ vmStateSize: 0x1234, diskSize: 0x4000_0000 })], 3);
-  // 40 fixed + 16 extra + 1 id + 4 name = 61, padded to 64.
-  assert.equal(buf.length, 64);
+test("encodeSnapshotTable: entry layout at the spec's offsets", () => {
+  const buf = encodeSnapshotTable([snapshot({ vmStateSize: 0x1234, diskSize: 0x4000_0000 })], 1 << 20);
+  // 40 fixed + 24 extra + 1 id + 4 name = 69, padded to 72.
+  assert.equal(buf.length, 72);
   const dv = new DataView(buf.buffer);
   assert.equal(dv.getBigUint64(0), 0x9_0000n);
   assert.equal(dv.getUint32(8), 16);
@@ -223,34 +223,39 @@ test("encodeSnapshotTable: v3 entry layout at the spec's offsets", () => {
   assert.equal(dv.getUint32(20), 999_999_999);
   assert.equal(dv.getBigUint64(24), 86_400_000_000_000n);
   assert.equal(dv.getUint32(32), 0x1234);
-  assert.equal(dv.getUint32(36), 16);
+  assert.equal(dv.getUint32(36), 24);
   assert.equal(dv.getBigUint64(40), 0x1234n);
   assert.equal(dv.getBigUint64(48), 0x4000_0000n);
-  assert.equal(new TextDecoder().decode(buf.subarray(56, 61)), "1base");
-  assert.deepEqual(Array.from(buf.subarray(61)), [0, 0, 0]);
+  assert.equal(dv.getBigInt64(56), -1n);
+  assert.equal(new TextDecoder().decode(buf.subarray(64, 69)), "1base");
+  assert.deepEqual(Array.from(buf.subarray(69)), [0, 0, 0]);
 });
 
-test("encodeSnapshotTable: v3 gets at least 16 bytes of extra data, 24 with icount", () => {
-  const [plain, withIcount] = decodeSnapshotTable(
-    encodeSnapshotTable([snapshot({ diskSize: 1 << 20 }), snapshot({ id: "2", diskSize: 1 << 21, icount: -1n })], 3),
+test("encodeSnapshotTable: every entry gets the 24 bytes QEMU 7.2 writes (iotest 261)", () => {
+  // An entry without extra data (as v2 images hold them) and one with only vm_state_size: the
+  // disk size becomes the image's, the icount -1, as QEMU fills them in when it reads them.
+  const [bare, short] = decodeSnapshotTable(
+    encodeSnapshotTable([snapshot({}), snapshot({ id: "2", extra: extraData(0n) })], 1 << 21),
     2,
     0,
   );
-  assert.equal(plain.extra.length, 16);
-  assert.equal(plain.diskSize, 1 << 20);
-  assert.equal(plain.icount, undefined);
-  assert.equal(withIcount.extra.length, 24);
-  assert.equal(withIcount.icount, -1n);
-  assert.equal(withIcount.diskSize, 1 << 21);
+  for (const s of [bare, short]) {
+    assert.equal(s.extra.length, 24);
+    assert.equal(s.diskSize, 1 << 21);
+    assert.equal(s.icount, -1n);
+  }
 });
 
-test("encodeSnapshotTable: v2 writes no extra data", () => {
-  const buf = encodeSnapshotTable([snapshot({ vmStateSize: 77 })], 2);
+test("encodeSnapshotTable: minExtra lays out entries as older QEMUs wrote them", () => {
+  const buf = encodeSnapshotTable([snapshot({ vmStateSize: 77 })], 1 << 20, 0);
   assert.equal(buf.length, 48); // 40 + 1 + 4 = 45, padded
   const dv = new DataView(buf.buffer);
   assert.equal(dv.getUint32(36), 0);
   assert.equal(dv.getUint32(32), 77);
   assert.deepEqual(decodeSnapshotTable(buf, 1, 0), [snapshot({ vmStateSize: 77 })]);
+  const [v3] = decodeSnapshotTable(encodeSnapshotTable([snapshot({ diskSize: 5 })], 1 << 20, 16), 1, 0);
+  assert.equal(v3.extra.length, 16);
+  assert.equal(v3.icount, undefined);
 });
 
 test("encodeSnapshotTable / decodeSnapshotTable: round trip", () => {
@@ -261,10 +266,18 @@ test("encodeSnapshotTable / decodeSnapshotTable: round trip", () => {
       icount: 123_456_789n,
       extra: extraData(0n, 0n, 0n, [0xaa, 0xbb]),
     }),
-    snapshot({ id: "17", name: "ein Name mit Ümlauten", l1Size: 0, l1TableOffset: 0, diskSize: 0, vmClockNsec: 0 }),
+    snapshot({
+      id: "17",
+      name: "ein Name mit Ümlauten",
+      l1Size: 0,
+      l1TableOffset: 0,
+      diskSize: 0,
+      icount: 0n,
+      vmClockNsec: 0,
+    }),
     snapshot({ id: "x".repeat(300), name: "y".repeat(1000), diskSize: 5, icount: -1n, dateSec: 0xffff_ffff }),
   ];
-  const encoded = encodeSnapshotTable(snaps, 3);
+  const encoded = encodeSnapshotTable(snaps, 1 << 20);
   assert.equal(encoded.length % 8, 0);
   const decoded = decodeSnapshotTable(encoded, 3, 0);
   assert.equal(decoded.length, 3);
@@ -279,5 +292,5 @@ test("encodeSnapshotTable / decodeSnapshotTable: round trip", () => {
   // A vm_state_size over 32 bits leaves the 32-bit field 0.
   assert.equal(new DataView(encoded.buffer).getUint32(32), 0);
   // Encoding what was decoded gives the same bytes.
-  assert.deepEqual(encodeSnapshotTable(decoded, 3), encoded);
+  assert.deepEqual(encodeSnapshotTable(decoded, 1 << 20), encoded);
 });
