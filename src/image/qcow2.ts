@@ -380,7 +380,12 @@ export class Qcow2Image implements BlockDevice {
       let pos = offset;
       const end = offset + dst.length;
       while (pos < end) {
-        const run = await this.mapping(pos, end - pos);
+        const run = await this.mapping(pos, end - pos).catch(async (e: unknown) => {
+          // As QEMU (qcow2_signal_corruption on any access): an invalid L1 or L2 entry found
+          // while reading an image open for writing marks it corrupt (iotest 271).
+          if (this.writer && e instanceof QcowError && e.code === "corrupt") await this.writer.markCorrupt(e.message);
+          throw e;
+        });
         const part = dst.subarray(pos - offset, pos - offset + run.length);
         jobs.push(this.readRun(run, part, pos));
         pos += run.length;
