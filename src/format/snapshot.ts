@@ -41,10 +41,17 @@ export function decodeSnapshotTable(buf: Uint8Array, count: number, base: number
     const idLen = dv.getUint16(at + 12);
     const nameLen = dv.getUint16(at + 14);
     const extraLen = dv.getUint32(at + 36);
-    if (extraLen > MAX_SNAPSHOT_EXTRA_DATA) throw corrupt(`Too much extra metadata in ${where}: ${extraLen} bytes`);
+    // QEMU's words and hints (qcow2_do_read_snapshots); check -r all does not repair these yet.
+    if (extraLen > MAX_SNAPSHOT_EXTRA_DATA) {
+      throw corrupt(
+        `Too much extra metadata in snapshot table entry ${i}\nYou can force-remove this extra metadata with qemu-img check -r all`,
+      );
+    }
     const total = ENTRY_FIXED + extraLen + idLen + nameLen;
     if (at + total > MAX_SNAPSHOT_TABLE_BYTES) {
-      throw corrupt(`Snapshot table is too big: ${where} ends beyond ${MAX_SNAPSHOT_TABLE_BYTES} bytes`);
+      throw corrupt(
+        `Snapshot table is too big\nYou can force-remove all ${count - i} overhanging snapshots with qemu-img check -r all`,
+      );
     }
     if (at + total > buf.length) throw truncated(`Snapshot table truncated: ${where} needs ${total} bytes`);
     const e = at + ENTRY_FIXED;
