@@ -22,7 +22,7 @@ import {
   V2_HEADER_LENGTH,
   V3_HEADER_LENGTH_WITH_COMPRESSION,
 } from "../format/header.js";
-import { encodeSnapshotTable, snapshotTableSize } from "../format/snapshot.js";
+import { encodeSnapshotTable, snapshotsRewritten, snapshotTableSize } from "../format/snapshot.js";
 import {
   ClusterType,
   decodeL1Entry,
@@ -217,6 +217,7 @@ class Amender {
     await this.commitRefcounts();
     h.snapshotsOffset = at;
     await this.writer.writeHeader();
+    snapshotsRewritten(this.img.snapshots);
     await this.free(oldOffset, oldBytes);
   }
 

@@ -24,7 +24,13 @@
 import { hex, QcowError } from "../errors.js";
 import { view } from "../format/bytes.js";
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, MAX_REFTABLE_BYTES } from "../format/header.js";
-import { encodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES, type Snapshot, snapshotTableSize } from "../format/snapshot.js";
+import {
+  encodeSnapshotTable,
+  MAX_SNAPSHOT_TABLE_BYTES,
+  type Snapshot,
+  snapshotsRewritten,
+  snapshotTableSize,
+} from "../format/snapshot.js";
 import { ClusterType, decodeL1Entry, encodeL1Entry, maxRefcount, OFLAG_COPIED_HI } from "../format/tables.js";
 import { readFull } from "../io/storage.js";
 import type { Qcow2Image } from "./qcow2.js";
@@ -498,6 +504,7 @@ async function switchSnapshotTable(
   h.snapshotsOffset = offset;
   await w.writeHeader();
   switched();
+  snapshotsRewritten(snapshots);
   await freeRange(m, old.offset, old.bytes, cs);
   await m.writeBack();
 }

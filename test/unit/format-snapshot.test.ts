@@ -2,7 +2,13 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { concatBytes } from "../../src/format/bytes.js";
-import { decodeSnapshotTable, encodeSnapshotTable, type Snapshot } from "../../src/format/snapshot.js";
+import {
+  decodeSnapshotTable,
+  encodeSnapshotTable,
+  type Snapshot,
+  snapshotsRewritten,
+  snapshotTableSize,
+} from "../../src/format/snapshot.js";
 import { throwsQcow } from "./assert-qcow.js";
 
 const concat = (...parts: Uint8Array[]): Uint8Array => concatBytes(parts);
@@ -92,6 +98,7 @@ test("decodeSnapshotTable: v2 entries without extra data, padded to 8", () => {
       vmClockNsec: 5_000_000_000,
       vmStateSize: 0x1000,
       extra: new Uint8Array(0),
+      diskBytes: 56,
     },
     {
       l1TableOffset: 0x1_0008_0000,
@@ -103,6 +110,7 @@ test("decodeSnapshotTable: v2 entries without extra data, padded to 8", () => {
       vmClockNsec: 0,
       vmStateSize: 0,
       extra: new Uint8Array(0),
+      diskBytes: 48,
     },
   ]);
 });
@@ -256,7 +264,7 @@ test("encodeSnapshotTable: minExtra lays out entries as older QEMUs wrote them",
   const dv = new DataView(buf.buffer);
   assert.equal(dv.getUint32(36), 0);
   assert.equal(dv.getUint32(32), 77);
-  assert.deepEqual(decodeSnapshotTable(buf, 1, 0), [snapshot({ vmStateSize: 77 })]);
+  assert.deepEqual(decodeSnapshotTable(buf, 1, 0), [{ ...snapshot({ vmStateSize: 77 }), diskBytes: 48 }]);
   const [v3] = decodeSnapshotTable(encodeSnapshotTable([snapshot({ diskSize: 5 })], 1 << 20, 16), 1, 0);
   assert.equal(v3.extra.length, 16);
   assert.equal(v3.icount, undefined);
@@ -286,7 +294,7 @@ test("encodeSnapshotTable / decodeSnapshotTable: round trip", () => {
   const decoded = decodeSnapshotTable(encoded, 3, 0);
   assert.equal(decoded.length, 3);
   for (let i = 0; i < 3; i++) {
-    const { extra: _e, ...got } = decoded[i];
+    const { extra: _e, diskBytes: _d, ...got } = decoded[i];
     const { extra: _x, ...want } = snaps[i];
     assert.deepEqual(got, want, `snapshot ${i}`);
   }
@@ -297,4 +305,24 @@ test("encodeSnapshotTable / decodeSnapshotTable: round trip", () => {
   assert.equal(new DataView(encoded.buffer).getUint32(32), 0);
   // Encoding what was decoded gives the same bytes.
   assert.deepEqual(encodeSnapshotTable(decoded, 1 << 20), encoded);
+});
+
+test("decodeSnapshotTable: ID and name are C strings (cut at a NUL), the entry keeps its size on disk", () => {
+  const e = layEntry({ ...V2_ENTRY, id: "7\0junk", name: "\0\0\0" });
+  const [sn] = decodeSnapshotTable(e, 1, 0);
+  assert.equal(sn.id, "7");
+  assert.equal(sn.name, "");
+  assert.equal(sn.diskBytes, e.length);
+  assert.equal(snapshotTableSize([sn]), e.length);
+  // Rewritten, it takes what its encoding takes.
+  snapshotsRewritten([sn]);
+  assert.equal(snapshotTableSize([sn]), encodeSnapshotTable([sn], 1 << 20).length);
+});
+
+test("encodeSnapshotTable: an ID or name past 65535 bytes is refused, not wrapped", () => {
+  throwsQcow(
+    () => encodeSnapshotTable([snapshot({ id: "\u00e9".repeat(40000) })], 1 << 20),
+    "invalid-argument",
+    /too long/,
+  );
 });
