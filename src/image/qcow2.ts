@@ -171,9 +171,11 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** Reads and validates the header; the caller opens backing and data files (see openImage). */
+  /** `forCheck`: the snapshot table pointer is left for the check to judge (see decodeHeader). */
   static async readHeader(
     storage: Storage,
     allowEncrypted = false,
+    forCheck = false,
   ): Promise<{
     header: Qcow2Header;
     extensions: HeaderExtensions;
@@ -187,7 +189,7 @@ export class Qcow2Image implements BlockDevice {
       buf = new Uint8Array(2 ** clusterBits);
       await readFull(storage, buf, 0);
     }
-    const header = decodeHeader(buf);
+    const header = decodeHeader(buf, { forCheck });
     const extensions = decodeExtensions(buf, header);
     const unknown = header.incompatibleFeatures & ~INCOMPAT_KNOWN;
     if (unknown !== 0n) {
