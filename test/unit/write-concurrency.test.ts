@@ -140,7 +140,7 @@ function rangeIn(r: Prng, cs: number, size: number, c0: number, c1: number): [nu
   return [offset, Math.min(length, to - offset)];
 }
 
-function makeBurst(r: Prng, c: Config, fixture: { backingData: Uint8Array }): { kind: string; reqs: Req[] } {
+function makeBurst(r: Prng, c: Config): { kind: string; reqs: Req[] } {
   const cs = 2 ** c.clusterBits;
   const n = c.size / cs;
   const reqs: Req[] = [];
@@ -404,7 +404,7 @@ describe("concurrent requests: the result of some serial order, no cluster alloc
           );
           try {
             for (let b = 0; b < c.bursts; b++) {
-              const { kind, reqs } = makeBurst(r, c, fixture);
+              const { kind, reqs } = makeBurst(r, c);
               const what = `burst ${b} (${kind}: ${reqs.map(describeReq).join(", ")})`;
               history.push(what);
               await Promise.all(reqs.map((q) => issue(img, q)));
