@@ -42,7 +42,7 @@ function json(c: CheckResult, filename: string): string {
 async function openDependencies(storage: Storage, file: string): Promise<void> {
   let header: Awaited<ReturnType<typeof Qcow2Image.readHeader>>;
   try {
-    header = await Qcow2Image.readHeader(storage, true);
+    header = await Qcow2Image.readHeader(storage, true, true);
   } catch (e) {
     if (e instanceof QcowError) throw new ExitError(`Could not open '${file}': ${e.message}`);
     throw e;
@@ -120,9 +120,12 @@ export const check: Command = {
       const log = (line: string): void => {
         process.stderr.write(`${line}\n`);
       };
+      const report = (message: string): void => {
+        process.stderr.write(`qcowkit: ${message}\n`);
+      };
       const run = async (mode: number): Promise<CheckResult> => {
         try {
-          return await checkQcow2(storage, { fix: mode, log });
+          return await checkQcow2(storage, { fix: mode, log, report });
         } catch (e) {
           if (e instanceof CheckFailed) throw new ExitError(`Check failed: ${e.message}`);
           if (e instanceof QcowError) throw new ExitError(`Could not open '${file}': ${e.message}`);

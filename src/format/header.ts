@@ -91,7 +91,11 @@ export interface HeaderExtensions {
 }
 
 /** Decodes and validates the fixed part of the header. `buf` holds at least the first 512 bytes. */
-export function decodeHeader(buf: Uint8Array): Qcow2Header {
+/**
+ * Decodes and validates the header. `forCheck`: as QEMU opens an image for check, the snapshot
+ * table pointer is not validated here; the check reports (and may repair) it itself.
+ */
+export function decodeHeader(buf: Uint8Array, opts: { forCheck?: boolean } = {}): Qcow2Header {
   if (buf.length < V2_HEADER_LENGTH) throw corrupt(`qcow2 header truncated: ${buf.length} bytes`);
   const dv = view(buf);
   if (dv.getUint32(0) !== QCOW2_MAGIC) throw corrupt("Image is not in qcow2 format");
@@ -145,11 +149,11 @@ export function decodeHeader(buf: Uint8Array): Qcow2Header {
       h.tail = buf.slice(V3_HEADER_LENGTH_WITH_COMPRESSION, h.headerLength);
     }
   }
-  validateHeader(h);
+  validateHeader(h, opts.forCheck === true);
   return h;
 }
 
-function validateHeader(h: Qcow2Header): void {
+function validateHeader(h: Qcow2Header, forCheck: boolean): void {
   const clusterSize = 2 ** h.clusterBits;
   if (h.refcountOrder > 6)
     throw corrupt(`Reference count entry width too large: refcount_order ${h.refcountOrder} (at 0x60) exceeds 6`);
@@ -180,10 +184,12 @@ function validateHeader(h: Qcow2Header): void {
     clusterSize,
     h.refcountTableClusters > 0,
   );
-  if (h.nbSnapshots > MAX_SNAPSHOTS) {
-    throw corrupt(`Snapshot table too large: nb_snapshots ${h.nbSnapshots} (at 0x3c), at most ${MAX_SNAPSHOTS}`);
+  if (!forCheck) {
+    if (h.nbSnapshots > MAX_SNAPSHOTS) {
+      throw corrupt(`Snapshot table too large: nb_snapshots ${h.nbSnapshots} (at 0x3c), at most ${MAX_SNAPSHOTS}`);
+    }
+    checkTable("Snapshot table", h.snapshotsOffset, 0x40, 0, clusterSize, h.nbSnapshots > 0);
   }
-  checkTable("Snapshot table", h.snapshotsOffset, 0x40, 0, clusterSize, h.nbSnapshots > 0);
   if (h.l1Size * 8 > MAX_L1_BYTES) throw corrupt(`Active L1 table too large: l1_size ${h.l1Size} (at 0x24)`);
   // Every guest cluster must be reachable from the L1 table.
   const l2Entries = clusterSize / (h.incompatibleFeatures & INCOMPAT_EXTL2 ? 16 : 8);

@@ -98,8 +98,8 @@ export function decodeL2Entry(
   const copied = (hi & OFLAG_COPIED_HI) !== 0;
   if (hi & OFLAG_COMPRESSED_HI) {
     if (copied) throw corrupt(`Compressed cluster has the COPIED flag set (${where()})`);
-    if (g.extendedL2 && (bhi | blo) !== 0)
-      throw corrupt(`Compressed cluster has a non-zero subcluster bitmap (${where()})`);
+    // A compressed cluster's subcluster bitmap has no meaning: QEMU ignores it when reading and
+    // writing (iotest 271); only check reports it.
     const { offset, size } = decodeCompressed(hi, lo, g.clusterBits, where);
     return {
       type: ClusterType.Compressed,
@@ -111,7 +111,9 @@ export function decodeL2Entry(
     };
   }
   const clusterSize = 2 ** g.clusterBits;
-  const reservedLo = g.extendedL2 || g.version < 3 ? 0x1ff : 0x1fe;
+  // Bit 0 is the zero flag from v3 on; with extended L2 it is unused, and ignored as QEMU does
+  // (iotest 271: the subcluster bitmap says what is zero).
+  const reservedLo = g.version < 3 ? 0x1ff : 0x1fe;
   if ((lo & reservedLo) !== 0 || (hi & 0x3f00_0000) !== 0) {
     throw corrupt(
       `L2 entry has reserved bits set: 0x${hi.toString(16).padStart(8, "0")}${lo.toString(16).padStart(8, "0")} (${where()})`,
@@ -267,6 +269,23 @@ export function setRefcount(block: DataView, i: number, order: number, value: nu
     default:
       setU64(block, i * 8, value);
   }
+}
+
+/**
+ * A 64-bit refcount beyond 2^53 (getRefcount reports it saturated), exactly: its decimal text
+ * for messages, and `delta` added to it in place. Only damaged images hold such values, so the
+ * bigint is made on this rare path only. Returns the new value as getRefcount reports it, or
+ * undefined (and changes nothing) when the sum would leave 0..2^64-1.
+ */
+export function exactRefcount64(block: DataView, i: number): string {
+  return block.getBigUint64(i * 8).toString();
+}
+
+export function addRefcount64(block: DataView, i: number, delta: number): number | undefined {
+  const value = block.getBigUint64(i * 8) + BigInt(delta);
+  if (value < 0n || value > 0xffff_ffff_ffff_ffffn) return undefined;
+  block.setBigUint64(i * 8, value);
+  return getRefcount(block, i, 6);
 }
 
 export function maxRefcount(order: number): number {

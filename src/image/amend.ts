@@ -22,7 +22,7 @@ import {
   V2_HEADER_LENGTH,
   V3_HEADER_LENGTH_WITH_COMPRESSION,
 } from "../format/header.js";
-import { encodeSnapshotTable, snapshotTableSize } from "../format/snapshot.js";
+import { encodeSnapshotTable, snapshotsRewritten, snapshotTableSize } from "../format/snapshot.js";
 import {
   ClusterType,
   decodeL1Entry,
@@ -195,10 +195,7 @@ class Amender {
   private async upgrade(): Promise<void> {
     const img = this.img;
     const h = img.header;
-    if (img.snapshots.some((s) => s.extra.length < 16)) {
-      for (const s of img.snapshots) s.diskSize ??= h.size;
-      await this.rewriteSnapshotTable(3);
-    }
+    if (img.snapshots.some((s) => s.extra.length < 16)) await this.rewriteSnapshotTable();
     h.version = 3;
     h.headerLength = V3_HEADER_LENGTH_WITH_COMPRESSION;
     img.extensions.featureNames = QEMU_FEATURE_NAMES;
@@ -207,11 +204,11 @@ class Amender {
   }
 
   /** Writes the snapshot table to new clusters, switches the header to it, frees the old one. */
-  private async rewriteSnapshotTable(version: number): Promise<void> {
+  private async rewriteSnapshotTable(): Promise<void> {
     const h = this.img.header;
     const oldOffset = h.snapshotsOffset;
     const oldBytes = snapshotTableSize(this.img.snapshots);
-    const table = encodeSnapshotTable(this.img.snapshots, version);
+    const table = encodeSnapshotTable(this.img.snapshots, this.img.header.size);
     const clusters = Math.ceil(table.length / this.cs);
     const at = await this.allocateContiguous(clusters);
     const padded = new Uint8Array(clusters * this.cs);
@@ -220,6 +217,7 @@ class Amender {
     await this.commitRefcounts();
     h.snapshotsOffset = at;
     await this.writer.writeHeader();
+    snapshotsRewritten(this.img.snapshots);
     await this.free(oldOffset, oldBytes);
   }
 

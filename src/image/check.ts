@@ -31,11 +31,19 @@ import {
   INCOMPAT_EXTL2,
   type Qcow2Header,
 } from "../format/header.js";
-import { type Snapshot, snapshotTableSize } from "../format/snapshot.js";
-import { getRefcount, maxRefcount, OFLAG_COMPRESSED_HI, OFLAG_COPIED_HI, setRefcount } from "../format/tables.js";
+import type { Snapshot } from "../format/snapshot.js";
+import {
+  exactRefcount64,
+  getRefcount,
+  maxRefcount,
+  OFLAG_COMPRESSED_HI,
+  OFLAG_COPIED_HI,
+  setRefcount,
+} from "../format/tables.js";
 import type { Storage } from "../io/storage.js";
+import { checkSnapshotTable, rewriteSnapshotTable, type SnapshotTableCheck } from "./check-snapshots.js";
 import { type MetadataLayout, overlappingMetadata } from "./overlap.js";
-import { Qcow2Image, readBitmapDirectory, readSnapshotTable } from "./qcow2.js";
+import { Qcow2Image, readBitmapDirectory } from "./qcow2.js";
 
 /** What a check may repair (QEMU's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS). */
 export const FIX_LEAKS = 1;
@@ -62,6 +70,8 @@ export interface CheckOptions {
   fix?: number;
   /** Receives each finding, in QEMU's words (qemu-img prints them on stderr). */
   log?: (line: string) => void;
+  /** Receives errors QEMU prints with error_report (qemu-img prefixes its name); default: `log`. */
+  report?: (message: string) => void;
 }
 
 const emptyResult = (): CheckResult => ({
@@ -219,6 +229,8 @@ class Checker {
     public h: Qcow2Header,
     readonly ext: HeaderExtensions,
     readonly snapshots: Snapshot[],
+    /** Bytes of the snapshot table on disk (entries as found, not as they would be rewritten). */
+    readonly snapshotTableBytes: number,
     readonly bitmaps: BitmapDirectoryEntry[],
     readonly log: (line: string) => void,
   ) {
@@ -376,10 +388,12 @@ class Checker {
             `${fixing ? "Repairing" : "ERROR"} offset=${offset.toString(16)}: Preallocated cluster is not properly aligned; L2 entry corrupted.`,
           );
           if (fixing) {
-            // Make it a plain zero cluster: it reads as zeros either way.
+            // Drop the host cluster, keep what reads as zeros: the whole cluster without extended
+            // L2, else the subclusters the bitmap says are zero; the others show the backing
+            // file again, as after QEMU's repair (iotest 271).
             const e = new Uint8Array(this.entryBytes);
             if (!this.extendedL2) view(e).setUint32(4, 1);
-            else view(e).setUint32(8, 0xffff_ffff);
+            else view(e).setUint32(8, bmZero);
             await this.write(e, l2Offset + at);
             res.corruptions--;
             res.corruptionsFixed++;
@@ -492,7 +506,7 @@ class Checker {
       }
       await this.checkL1(refs, sn.l1TableOffset, sn.l1Size, 0, fix);
     }
-    if (this.snapshots.length > 0) this.inc(refs, h.snapshotsOffset, snapshotTableSize(this.snapshots));
+    this.inc(refs, h.snapshotsOffset, this.snapshotTableBytes);
     this.inc(refs, h.refcountTableOffset, h.refcountTableClusters * this.cs);
     if (this.ext.crypto) this.inc(refs, this.ext.crypto.offset, this.ext.crypto.length);
     const bm = this.ext.bitmaps;
@@ -535,7 +549,11 @@ class Checker {
         if (r1 === 0) rebuild = true;
         else if (r1 > r2 && fix & FIX_LEAKS) fixing = "leaks";
         else if (r1 < r2 && fix & FIX_ERRORS) fixing = "corruptions";
-        this.log(`${fixing ? "Repairing" : r1 < r2 ? "ERROR" : "Leaked"} cluster ${i} refcount=${r1} reference=${r2}`);
+        // A saturated 64-bit refcount is printed as stored (QEMU prints the u64).
+        const shown = block && order >= 6 && r1 === Number.MAX_SAFE_INTEGER ? exactRefcount64(block, i - t * E) : r1;
+        this.log(
+          `${fixing ? "Repairing" : r1 < r2 ? "ERROR" : "Leaked"} cluster ${i} refcount=${shown} reference=${r2}`,
+        );
         if (fixing) {
           await this.disk.set(i, r2);
           if (fixing === "leaks") res.leaksFixed++;
@@ -744,10 +762,13 @@ export class OverlapError extends Error {}
 export async function checkQcow2(storage: Storage, opts: CheckOptions = {}): Promise<CheckResult> {
   const fix = opts.fix ?? 0;
   const log = opts.log ?? (() => {});
-  const { header, extensions } = await Qcow2Image.readHeader(storage, true);
-  const snapshots = await readSnapshotTable(storage, header);
+  const report = opts.report ?? log;
+  const { header, extensions } = await Qcow2Image.readHeader(storage, true, true);
+  // As QEMU's qcow2_co_check_locked: the snapshot table first, its repair after the refcounts'.
+  const sn = await checkSnapshotTable(storage, header, (fix & FIX_ERRORS) !== 0, { log, report });
+  if (sn.failed) throw new CheckFailed(sn.failed, withSnapshotResult(emptyResult(), sn));
   const bitmaps = await readBitmapDirectory(storage, header, extensions);
-  const c = new Checker(storage, header, extensions, snapshots, bitmaps, log);
+  const c = new Checker(storage, header, extensions, sn.snapshots, sn.tableBytes, bitmaps, log);
   c.fileSize = await storage.size();
   await c.loadRefcountTable();
   if (fix && header.version >= 3 && (header.autoclearFeatures & ~AUTOCLEAR_KNOWN) !== 0n) {
@@ -814,6 +835,23 @@ export async function checkQcow2(storage: Storage, opts: CheckOptions = {}): Pro
     throw new CheckFailed("Input/output error", result);
   }
   result.imageEndOffset = (highest + 1) * c.cs;
+  if (sn.corruptions && fix & FIX_ERRORS) {
+    const tableMoved = async (offset: number, clusters: number): Promise<void> => {
+      const b = new Uint8Array(12);
+      setU64(view(b), 0, offset);
+      view(b).setUint32(8, clusters);
+      await c.write(b, 48);
+      await c.s.flush();
+      c.h = { ...c.h, refcountTableOffset: offset, refcountTableClusters: clusters };
+    };
+    if (!(await rewriteSnapshotTable(storage, { ...c.h }, sn, log, tableMoved))) {
+      sn.checkErrors++;
+      throw new CheckFailed("File too large", withSnapshotResult(result, sn));
+    }
+    sn.corruptionsFixed += sn.corruptions;
+    sn.corruptions = 0;
+  }
+  withSnapshotResult(result, sn);
   if (fix && result.checkErrors === 0 && result.corruptions === 0) {
     // qcow2_mark_clean and qcow2_mark_consistent: the image is whole again.
     const bits = c.h.incompatibleFeatures;
@@ -835,6 +873,14 @@ export class CheckFailed extends Error {
   ) {
     super(message);
   }
+}
+
+/** Adds what the snapshot table check found to `r` (qcow2_add_check_result); returns `r`. */
+function withSnapshotResult(r: CheckResult, sn: SnapshotTableCheck): CheckResult {
+  r.corruptions += sn.corruptions;
+  r.corruptionsFixed += sn.corruptionsFixed;
+  r.checkErrors += sn.checkErrors;
+  return r;
 }
 
 async function writeFeatures(c: Checker, at: number, value: bigint): Promise<void> {

@@ -594,22 +594,52 @@ export class Qcow2Writer {
     await this.maybeWriteBack();
   }
 
+  /**
+   * A guest discard, as QEMU 7.2's qcow2_co_pdiscard: whole clusters only, also with extended
+   * L2 (the parts of partial clusters are left as they are), and a partial last cluster at the
+   * end of the disk. On v2 with a backing file nothing happens (there is no zero flag, and
+   * unallocating would show the backing data again).
+   */
   async discard(offset: number, length: number): Promise<void> {
     this.checkOpen();
     await this.changing(offset, length);
     const img = this.img;
-    const unit = img.extendedL2 ? img.subclusterSize : this.cs;
+    if (img.header.version < 3 && img.backing) return;
     const end = offset + length;
-    const from = Math.ceil(offset / unit) * unit;
-    const to = end === img.size ? end : Math.floor(end / unit) * unit;
+    const from = Math.ceil(offset / this.cs) * this.cs;
+    const to = end === img.size ? end : Math.floor(end / this.cs) * this.cs;
     if (to <= from) return;
-    // With a backing file a discarded range must not show the backing data again: zero it.
-    // (QEMU does the same; on v2 there is no zero flag and the backing data shows again.)
-    const zero = img.backing !== undefined && img.header.version >= 3;
-    await this.zeroUnits(from, to, true, zero);
+    await this.discardClusters(from, to);
     // A raw data file is the guest disk itself: it must read as zeros there too.
     if (this.dataFileRaw) await this.writeRealZeroesToDataFile(from, to);
     await this.maybeWriteBack();
+  }
+
+  /**
+   * QEMU's discard_in_l2_slice (not a full discard): a cluster with a host cluster or
+   * compressed data, or any cluster over a backing file, reads as zeros afterwards (zero flag
+   * on v3, all zero bits with extended L2, unallocated on v2) and gives up its host cluster;
+   * other clusters already read as zeros and stay as they are. Unlike QEMU, no empty L2 table is
+   * allocated where there is none and nothing changes.
+   */
+  private async discardClusters(from: number, to: number): Promise<void> {
+    const img = this.img;
+    const c0 = Math.floor(from / this.cs);
+    const c1 = Math.ceil(to / this.cs);
+    await this.locks.run(c0, c1, () =>
+      this.meta.run(async () => {
+        for (let gc = c0; gc < c1; gc++) {
+          const e = await this.entry(gc);
+          const allocated =
+            e !== undefined &&
+            (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc || e.type === ClusterType.Compressed);
+          if (!allocated && !img.backing) continue;
+          if (img.extendedL2) await this.setEntry(gc, 0, 0, 0, 0xffff_ffff);
+          else await this.setEntry(gc, 0, img.header.version >= 3 ? 1 : 0);
+          this.releaseEntry(e);
+        }
+      }),
+    );
   }
 
   private async writeRealZeroes(from: number, to: number): Promise<void> {

@@ -171,9 +171,11 @@ export class Qcow2Image implements BlockDevice {
   }
 
   /** Reads and validates the header; the caller opens backing and data files (see openImage). */
+  /** `forCheck`: the snapshot table pointer is left for the check to judge (see decodeHeader). */
   static async readHeader(
     storage: Storage,
     allowEncrypted = false,
+    forCheck = false,
   ): Promise<{
     header: Qcow2Header;
     extensions: HeaderExtensions;
@@ -187,7 +189,7 @@ export class Qcow2Image implements BlockDevice {
       buf = new Uint8Array(2 ** clusterBits);
       await readFull(storage, buf, 0);
     }
-    const header = decodeHeader(buf);
+    const header = decodeHeader(buf, { forCheck });
     const extensions = decodeExtensions(buf, header);
     const unknown = header.incompatibleFeatures & ~INCOMPAT_KNOWN;
     if (unknown !== 0n) {
@@ -380,7 +382,12 @@ export class Qcow2Image implements BlockDevice {
       let pos = offset;
       const end = offset + dst.length;
       while (pos < end) {
-        const run = await this.mapping(pos, end - pos);
+        const run = await this.mapping(pos, end - pos).catch(async (e: unknown) => {
+          // As QEMU (qcow2_signal_corruption on any access): an invalid L1 or L2 entry found
+          // while reading an image open for writing marks it corrupt (iotest 271).
+          if (this.writer && e instanceof QcowError && e.code === "corrupt") await this.writer.markCorrupt(e.message);
+          throw e;
+        });
         const part = dst.subarray(pos - offset, pos - offset + run.length);
         jobs.push(this.readRun(run, part, pos));
         pos += run.length;

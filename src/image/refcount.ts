@@ -12,7 +12,7 @@
 import { corrupt, hex } from "../errors.js";
 import { setU64, view } from "../format/bytes.js";
 import type { Qcow2Header } from "../format/header.js";
-import { decodeRefcountTableEntry, getRefcount, maxRefcount, setRefcount } from "../format/tables.js";
+import { addRefcount64, decodeRefcountTableEntry, getRefcount, maxRefcount, setRefcount } from "../format/tables.js";
 import { readFull, type Storage } from "../io/storage.js";
 import { TableCache } from "./cache.js";
 
@@ -110,7 +110,16 @@ export class Refcounts {
     const blockOffset = this.table[t];
     const block = await this.block(blockOffset);
     const i = index % this.blockEntries;
-    const value = getRefcount(block, i, this.order) + delta;
+    const current = getRefcount(block, i, this.order);
+    if (this.order >= 6 && current === Number.MAX_SAFE_INTEGER) {
+      // Beyond 2^53 (a damaged image): count exactly, so that a decrement leaves what QEMU leaves.
+      const exact = addRefcount64(block, i, delta);
+      if (exact === undefined)
+        throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would exceed 2^64 - 1`);
+      this.blocks.markDirty(blockOffset, block);
+      return exact;
+    }
+    const value = current + delta;
     if (value < 0) throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would drop below zero`);
     if (value > maxRefcount(this.order)) {
       throw corrupt(`Refcount of cluster ${hex(index * this.clusterSize)} would exceed ${maxRefcount(this.order)}`);

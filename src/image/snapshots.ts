@@ -24,7 +24,13 @@
 import { hex, QcowError } from "../errors.js";
 import { view } from "../format/bytes.js";
 import { AUTOCLEAR_BITMAPS, INCOMPAT_DATA_FILE, MAX_REFTABLE_BYTES } from "../format/header.js";
-import { encodeSnapshotTable, MAX_SNAPSHOT_TABLE_BYTES, type Snapshot, snapshotTableSize } from "../format/snapshot.js";
+import {
+  encodeSnapshotTable,
+  MAX_SNAPSHOT_TABLE_BYTES,
+  type Snapshot,
+  snapshotsRewritten,
+  snapshotTableSize,
+} from "../format/snapshot.js";
 import { ClusterType, decodeL1Entry, encodeL1Entry, maxRefcount, OFLAG_COPIED_HI } from "../format/tables.js";
 import { readFull } from "../io/storage.js";
 import type { Qcow2Image } from "./qcow2.js";
@@ -270,7 +276,7 @@ function clustersFor(bytes: number, cs: number): number {
 }
 
 function encodeTable(img: Qcow2Image, snapshots: Snapshot[]): Uint8Array {
-  const table = encodeSnapshotTable(snapshots, img.header.version);
+  const table = encodeSnapshotTable(snapshots, img.size);
   if (table.length > MAX_SNAPSHOT_TABLE_BYTES) {
     throw new SnapshotError("unsupported", `Snapshot table too large: ${table.length} bytes`, 27);
   }
@@ -498,6 +504,7 @@ async function switchSnapshotTable(
   h.snapshotsOffset = offset;
   await w.writeHeader();
   switched();
+  snapshotsRewritten(snapshots);
   await freeRange(m, old.offset, old.bytes, cs);
   await m.writeBack();
 }

@@ -9,11 +9,11 @@
  * reference through qcowkit, through `qemu-img convert -O raw` and `qemu-img compare`, and
  * `qemu-img check` must find no errors and no leaks (DESIGN.md, invariant 1).
  *
- * The reference model follows QEMU: zero writes read zeros; a discard makes whole clusters read
- * as zeros, except on a v2 image with a backing file, which has no zero flag, so a discarded
- * cluster shows the backing file again (qcow2-cluster.c, discard_in_l2_slice). Parts of a
- * discarded range smaller than the discard granularity may keep their data or not: the model
- * accepts either and takes what the image reads.
+ * The reference model follows QEMU 7.2: zero writes read zeros; a discard makes whole clusters
+ * read as zeros, except on a v2 image with a backing file, which has no zero flag, so QEMU does
+ * not discard there at all (qcow2.c, qcow2_co_pdiscard; qcow2-cluster.c, discard_in_l2_slice).
+ * Parts of a discarded range smaller than the discard granularity may keep their data or not:
+ * the model accepts either and takes what the image reads.
  *
  * Runs are seeded: a failure names the seed; QCOWKIT_SEED=<seed> repeats the run.
  */
@@ -187,7 +187,7 @@ interface Workload {
 async function runWorkload(w: Workload, start: Qcow2Image): Promise<Qcow2Image> {
   const { r, layout: l, expected } = w;
   let img = start;
-  const discardValue = (p: number): number => (l.version < 3 && l.backing ? l.backing[p] : 0);
+  const discardValue = (p: number): number => (l.version < 3 && l.backing ? expected[p] : 0);
   for (let i = 0; i < w.ops; i++) {
     let [off, len] = pickRange(r, l);
     if (w.hot && w.hot.length > 0 && r.chance(0.5)) {

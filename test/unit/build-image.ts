@@ -283,7 +283,7 @@ export function buildImage(spec: ImageSpec): BuiltImage {
   let snapshotsOffset = 0;
   let snapshotTable: Uint8Array = new Uint8Array(0);
   if (snapshotEntries.length > 0) {
-    snapshotTable = encodeSnapshotTable(snapshotEntries, version);
+    snapshotTable = encodeSnapshotTable(snapshotEntries, spec.size, version >= 3 ? 16 : 0);
     snapshotsOffset = alloc.clusters(Math.ceil(snapshotTable.length / cs));
   }
 

@@ -2,7 +2,13 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { concatBytes } from "../../src/format/bytes.js";
-import { decodeSnapshotTable, encodeSnapshotTable, type Snapshot } from "../../src/format/snapshot.js";
+import {
+  decodeSnapshotTable,
+  encodeSnapshotTable,
+  type Snapshot,
+  snapshotsRewritten,
+  snapshotTableSize,
+} from "../../src/format/snapshot.js";
 import { throwsQcow } from "./assert-qcow.js";
 
 const concat = (...parts: Uint8Array[]): Uint8Array => concatBytes(parts);
@@ -92,6 +98,7 @@ test("decodeSnapshotTable: v2 entries without extra data, padded to 8", () => {
       vmClockNsec: 5_000_000_000,
       vmStateSize: 0x1000,
       extra: new Uint8Array(0),
+      diskBytes: 56,
     },
     {
       l1TableOffset: 0x1_0008_0000,
@@ -103,6 +110,7 @@ test("decodeSnapshotTable: v2 entries without extra data, padded to 8", () => {
       vmClockNsec: 0,
       vmStateSize: 0,
       extra: new Uint8Array(0),
+      diskBytes: 48,
     },
   ]);
 });
@@ -180,7 +188,11 @@ test("decodeSnapshotTable: extra data over 1024 bytes", () => {
   const ok = layEntry({ ...V2_ENTRY, extra: new Uint8Array(1024) });
   assert.equal(decodeSnapshotTable(ok, 1, 0)[0].extra.length, 1024);
   const big = layEntry({ ...V2_ENTRY, extra: new Uint8Array(1025) });
-  throwsQcow(() => decodeSnapshotTable(big, 1, 0x20000), "corrupt", /extra.*entry 0 at 0x20000.*1025/);
+  throwsQcow(
+    () => decodeSnapshotTable(big, 1, 0x20000),
+    "corrupt",
+    /^Too much extra metadata in snapshot table entry 0\n/,
+  );
   // Refused before the length is trusted for anything else.
   const huge = layEntry(V2_ENTRY);
   new DataView(huge.buffer).setUint32(36, 0xffff_ffff);
@@ -210,10 +222,10 @@ function snapshot(over: Partial<Snapshot>): Snapshot {
   };
 }
 
-test("encodeSnapshotTable: v3 entry layout at the spec's offsets", () => {
-  const buf = encodeSnapshotTable([snapshot({ vmStateSize: 0x1234, diskSize: 0x4000_0000 })], 3);
-  // 40 fixed + 16 extra + 1 id + 4 name = 61, padded to 64.
-  assert.equal(buf.length, 64);
+test("encodeSnapshotTable: entry layout at the spec's offsets", () => {
+  const buf = encodeSnapshotTable([snapshot({ vmStateSize: 0x1234, diskSize: 0x4000_0000 })], 1 << 20);
+  // 40 fixed + 24 extra + 1 id + 4 name = 69, padded to 72.
+  assert.equal(buf.length, 72);
   const dv = new DataView(buf.buffer);
   assert.equal(dv.getBigUint64(0), 0x9_0000n);
   assert.equal(dv.getUint32(8), 16);
@@ -223,34 +235,39 @@ test("encodeSnapshotTable: v3 entry layout at the spec's offsets", () => {
   assert.equal(dv.getUint32(20), 999_999_999);
   assert.equal(dv.getBigUint64(24), 86_400_000_000_000n);
   assert.equal(dv.getUint32(32), 0x1234);
-  assert.equal(dv.getUint32(36), 16);
+  assert.equal(dv.getUint32(36), 24);
   assert.equal(dv.getBigUint64(40), 0x1234n);
   assert.equal(dv.getBigUint64(48), 0x4000_0000n);
-  assert.equal(new TextDecoder().decode(buf.subarray(56, 61)), "1base");
-  assert.deepEqual(Array.from(buf.subarray(61)), [0, 0, 0]);
+  assert.equal(dv.getBigInt64(56), -1n);
+  assert.equal(new TextDecoder().decode(buf.subarray(64, 69)), "1base");
+  assert.deepEqual(Array.from(buf.subarray(69)), [0, 0, 0]);
 });
 
-test("encodeSnapshotTable: v3 gets at least 16 bytes of extra data, 24 with icount", () => {
-  const [plain, withIcount] = decodeSnapshotTable(
-    encodeSnapshotTable([snapshot({ diskSize: 1 << 20 }), snapshot({ id: "2", diskSize: 1 << 21, icount: -1n })], 3),
+test("encodeSnapshotTable: every entry gets the 24 bytes QEMU 7.2 writes (iotest 261)", () => {
+  // An entry without extra data (as v2 images hold them) and one with only vm_state_size: the
+  // disk size becomes the image's, the icount -1, as QEMU fills them in when it reads them.
+  const [bare, short] = decodeSnapshotTable(
+    encodeSnapshotTable([snapshot({}), snapshot({ id: "2", extra: extraData(0n) })], 1 << 21),
     2,
     0,
   );
-  assert.equal(plain.extra.length, 16);
-  assert.equal(plain.diskSize, 1 << 20);
-  assert.equal(plain.icount, undefined);
-  assert.equal(withIcount.extra.length, 24);
-  assert.equal(withIcount.icount, -1n);
-  assert.equal(withIcount.diskSize, 1 << 21);
+  for (const s of [bare, short]) {
+    assert.equal(s.extra.length, 24);
+    assert.equal(s.diskSize, 1 << 21);
+    assert.equal(s.icount, -1n);
+  }
 });
 
-test("encodeSnapshotTable: v2 writes no extra data", () => {
-  const buf = encodeSnapshotTable([snapshot({ vmStateSize: 77 })], 2);
+test("encodeSnapshotTable: minExtra lays out entries as older QEMUs wrote them", () => {
+  const buf = encodeSnapshotTable([snapshot({ vmStateSize: 77 })], 1 << 20, 0);
   assert.equal(buf.length, 48); // 40 + 1 + 4 = 45, padded
   const dv = new DataView(buf.buffer);
   assert.equal(dv.getUint32(36), 0);
   assert.equal(dv.getUint32(32), 77);
-  assert.deepEqual(decodeSnapshotTable(buf, 1, 0), [snapshot({ vmStateSize: 77 })]);
+  assert.deepEqual(decodeSnapshotTable(buf, 1, 0), [{ ...snapshot({ vmStateSize: 77 }), diskBytes: 48 }]);
+  const [v3] = decodeSnapshotTable(encodeSnapshotTable([snapshot({ diskSize: 5 })], 1 << 20, 16), 1, 0);
+  assert.equal(v3.extra.length, 16);
+  assert.equal(v3.icount, undefined);
 });
 
 test("encodeSnapshotTable / decodeSnapshotTable: round trip", () => {
@@ -261,15 +278,23 @@ test("encodeSnapshotTable / decodeSnapshotTable: round trip", () => {
       icount: 123_456_789n,
       extra: extraData(0n, 0n, 0n, [0xaa, 0xbb]),
     }),
-    snapshot({ id: "17", name: "ein Name mit Ümlauten", l1Size: 0, l1TableOffset: 0, diskSize: 0, vmClockNsec: 0 }),
+    snapshot({
+      id: "17",
+      name: "ein Name mit Ümlauten",
+      l1Size: 0,
+      l1TableOffset: 0,
+      diskSize: 0,
+      icount: 0n,
+      vmClockNsec: 0,
+    }),
     snapshot({ id: "x".repeat(300), name: "y".repeat(1000), diskSize: 5, icount: -1n, dateSec: 0xffff_ffff }),
   ];
-  const encoded = encodeSnapshotTable(snaps, 3);
+  const encoded = encodeSnapshotTable(snaps, 1 << 20);
   assert.equal(encoded.length % 8, 0);
   const decoded = decodeSnapshotTable(encoded, 3, 0);
   assert.equal(decoded.length, 3);
   for (let i = 0; i < 3; i++) {
-    const { extra: _e, ...got } = decoded[i];
+    const { extra: _e, diskBytes: _d, ...got } = decoded[i];
     const { extra: _x, ...want } = snaps[i];
     assert.deepEqual(got, want, `snapshot ${i}`);
   }
@@ -279,5 +304,25 @@ test("encodeSnapshotTable / decodeSnapshotTable: round trip", () => {
   // A vm_state_size over 32 bits leaves the 32-bit field 0.
   assert.equal(new DataView(encoded.buffer).getUint32(32), 0);
   // Encoding what was decoded gives the same bytes.
-  assert.deepEqual(encodeSnapshotTable(decoded, 3), encoded);
+  assert.deepEqual(encodeSnapshotTable(decoded, 1 << 20), encoded);
+});
+
+test("decodeSnapshotTable: ID and name are C strings (cut at a NUL), the entry keeps its size on disk", () => {
+  const e = layEntry({ ...V2_ENTRY, id: "7\0junk", name: "\0\0\0" });
+  const [sn] = decodeSnapshotTable(e, 1, 0);
+  assert.equal(sn.id, "7");
+  assert.equal(sn.name, "");
+  assert.equal(sn.diskBytes, e.length);
+  assert.equal(snapshotTableSize([sn]), e.length);
+  // Rewritten, it takes what its encoding takes.
+  snapshotsRewritten([sn]);
+  assert.equal(snapshotTableSize([sn]), encodeSnapshotTable([sn], 1 << 20).length);
+});
+
+test("encodeSnapshotTable: an ID or name past 65535 bytes is refused, not wrapped", () => {
+  throwsQcow(
+    () => encodeSnapshotTable([snapshot({ id: "\u00e9".repeat(40000) })], 1 << 20),
+    "invalid-argument",
+    /too long/,
+  );
 });

@@ -117,7 +117,7 @@ test("corrupt L2 entry: reserved bits in a later L2 table name that table", asyn
   );
 });
 
-test("corrupt L2 entry: a v3 zero flag is fine, but not with extended L2 (bit 0 is reserved there)", async () => {
+test("corrupt L2 entry: a v3 zero flag is fine, and ignored with extended L2 (QEMU, iotest 271)", async () => {
   const plain = built();
   const { bytes } = patchL2(plain, 1, (hi, lo) => [hi, lo | 1]);
   const q = await Qcow2Image.open(new MemoryStorage(bytes));
@@ -133,10 +133,9 @@ test("corrupt L2 entry: a v3 zero flag is fine, but not with extended L2 (bit 0 
   });
   const patched = patchL2(ext, 1, (hi, lo) => [hi, lo | 1], 16);
   const qe = await Qcow2Image.open(new MemoryStorage(patched.bytes));
-  await assert.rejects(
-    qe.read(new Uint8Array(1), 16384),
-    qcowError("corrupt", new RegExp(`L2 offset: ${hex(patched.l2)}, L2 index: 0x1\\)`)),
-  );
+  const de = new Uint8Array(16384);
+  await qe.read(de, 16384);
+  assert.deepEqual(de, pattern(16384, 1), "the bitmap, not bit 0, says what reads as zeros");
 });
 
 test("corrupt extended L2 entry: subclusters both allocated and zero, or allocated without a host cluster", async () => {
