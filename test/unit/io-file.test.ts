@@ -1,0 +1,88 @@
+/**
+ * FileStorage's I/O paths on a real file: small reads served from the page cache on the calling
+ * thread (preadv2 RWF_NOWAIT), larger ones through the thread pool, short reads at the end of the
+ * file, and large writes that first fallocate their range — which must leave the rest of a
+ * sparse file sparse and the file exactly as long as the writes make it.
+ */
+import assert from "node:assert/strict";
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { after, test } from "node:test";
+import { FileStorage } from "../../src/io/file.js";
+import { noise } from "./build-image.js";
+
+const dir = mkdtempSync(path.join(tmpdir(), "qcowkit-io-file-"));
+after(() => rmSync(dir, { recursive: true, force: true }));
+
+async function collect(s: FileStorage): Promise<[number, number, boolean][]> {
+  const out: [number, number, boolean][] = [];
+  for await (const r of s.dataRuns(0, await s.size())) out.push([r.start, r.length, r.data]);
+  return out;
+}
+
+test("FileStorage: reads of every size give the file's bytes, short at the end of the file", async () => {
+  const file = path.join(dir, "read.bin");
+  const bytes = noise(3 * 1024 * 1024 + 123, 1);
+  writeFileSync(file, bytes);
+  const s = await FileStorage.open(file);
+  try {
+    // Below and above the size read from the page cache on the calling thread (64 KiB).
+    for (const [offset, length] of [
+      [0, 1],
+      [4095, 4097],
+      [70000, 65536],
+      [70001, 65537],
+      [1, 2 * 1024 * 1024],
+      [bytes.length - 10, 10],
+    ]) {
+      const dst = new Uint8Array(length);
+      assert.equal(await s.read(dst, offset), length, `${offset}+${length}`);
+      assert.deepEqual(dst, bytes.subarray(offset, offset + length), `${offset}+${length}`);
+    }
+    for (const length of [100, 200 * 1024]) {
+      const dst = new Uint8Array(length).fill(0xee);
+      assert.equal(await s.read(dst, bytes.length - 50), 50, `short read of ${length}`);
+      assert.deepEqual(dst.subarray(0, 50), bytes.subarray(bytes.length - 50));
+      assert.equal(await s.read(dst, bytes.length + 4096), 0, "past the end");
+    }
+  } finally {
+    await s.close();
+  }
+});
+
+test("FileStorage: large writes into a sparse file keep the other holes and the file's length", async () => {
+  const file = path.join(dir, "sparse.bin");
+  const MiB = 1024 * 1024;
+  const s = await FileStorage.open(file, { readOnly: false, create: true, locking: "none" });
+  const a = noise(2 * MiB, 2);
+  const b = noise(128 * 1024, 3);
+  const small = noise(4096, 4);
+  try {
+    await s.truncate(16 * MiB);
+    await s.write(a, 4 * MiB);
+    await s.write(b, 10 * MiB);
+    await s.write(small, 12 * MiB);
+    assert.equal(statSync(file).size, 16 * MiB);
+    // Past the end: the file grows to exactly the end of the write.
+    await s.write(b, 20 * MiB);
+    assert.equal(statSync(file).size, 20 * MiB + b.length);
+    await s.flush();
+    const runs = await collect(s);
+    // Holes stay where nothing was written (file systems allocate in blocks of up to 64 KiB).
+    const dataAt = (offset: number) =>
+      runs.some(([start, length, data]) => data && start <= offset && offset < start + length);
+    for (const hole of [0, 2 * MiB, 8 * MiB, 14 * MiB, 18 * MiB]) assert.equal(dataAt(hole), false, `hole at ${hole}`);
+    for (const at of [4 * MiB, 6 * MiB - 1, 10 * MiB, 12 * MiB, 20 * MiB])
+      assert.equal(dataAt(at), true, `data at ${at}`);
+  } finally {
+    await s.close();
+  }
+  const content = readFileSync(file);
+  const expected = new Uint8Array(20 * MiB + b.length);
+  expected.set(a, 4 * MiB);
+  expected.set(b, 10 * MiB);
+  expected.set(small, 12 * MiB);
+  expected.set(b, 20 * MiB);
+  assert.ok(Buffer.compare(content, expected) === 0, "file content");
+});
