@@ -90,10 +90,10 @@ export interface HeaderExtensions {
   unknown: { type: number; data: Uint8Array }[];
 }
 
-/** Decodes and validates the fixed part of the header. `buf` holds at least the first 512 bytes. */
 /**
- * Decodes and validates the header. `forCheck`: as QEMU opens an image for check, the snapshot
- * table pointer is not validated here; the check reports (and may repair) it itself.
+ * Decodes and validates the fixed part of the header. `buf` holds at least the first 512 bytes.
+ * `forCheck`: as QEMU opens an image for check, the snapshot table pointer is not validated
+ * here; the check reports (and may repair) it itself.
  */
 export function decodeHeader(buf: Uint8Array, opts: { forCheck?: boolean } = {}): Qcow2Header {
   if (buf.length < V2_HEADER_LENGTH) throw corrupt(`qcow2 header truncated: ${buf.length} bytes`);

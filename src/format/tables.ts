@@ -272,15 +272,18 @@ export function setRefcount(block: DataView, i: number, order: number, value: nu
 }
 
 /**
- * A 64-bit refcount beyond 2^53 (getRefcount reports it saturated), exactly: its decimal text
- * for messages, and `delta` added to it in place. Only damaged images hold such values, so the
- * bigint is made on this rare path only. Returns the new value as getRefcount reports it, or
- * undefined (and changes nothing) when the sum would leave 0..2^64-1.
+ * A 64-bit refcount beyond 2^53 (getRefcount reports it saturated), exactly, as decimal text for
+ * messages. Only damaged images hold such values, so the bigint is made on this rare path only.
  */
 export function exactRefcount64(block: DataView, i: number): string {
   return block.getBigUint64(i * 8).toString();
 }
 
+/**
+ * Adds `delta` in place to 64-bit refcount `i`, exactly (beyond 2^53 too). Returns the new value
+ * as getRefcount reports it, or undefined (and changes nothing) when the sum would leave
+ * 0..2^64-1.
+ */
 export function addRefcount64(block: DataView, i: number, delta: number): number | undefined {
   const value = block.getBigUint64(i * 8) + BigInt(delta);
   if (value < 0n || value > 0xffff_ffff_ffff_ffffn) return undefined;

@@ -636,14 +636,19 @@ class Checker {
     const tableOffset = tableStart * cs;
     await this.write(table, tableOffset);
     await this.s.flush();
-    const hdr = new Uint8Array(12);
-    setU64(view(hdr), 0, tableOffset);
-    view(hdr).setUint32(8, tableClusters);
-    await this.write(hdr, 48);
-    await this.s.flush();
-    this.h = { ...this.h, refcountTableOffset: tableOffset, refcountTableClusters: tableClusters };
+    await this.pointHeaderAtRefcountTable(tableOffset, tableClusters);
     this.fileSize = Math.max(this.fileSize, usedEnd() * cs);
     await this.loadRefcountTable();
+  }
+
+  /** Points the header (durably) at a refcount table already written and flushed. */
+  async pointHeaderAtRefcountTable(offset: number, clusters: number): Promise<void> {
+    const hdr = new Uint8Array(12);
+    setU64(view(hdr), 0, offset);
+    view(hdr).setUint32(8, clusters);
+    await this.write(hdr, 48);
+    await this.s.flush();
+    this.h = { ...this.h, refcountTableOffset: offset, refcountTableClusters: clusters };
   }
 
   /** Active L1/L2 entries: COPIED set exactly when the refcount is one (check_oflag_copied). */
@@ -836,14 +841,7 @@ export async function checkQcow2(storage: Storage, opts: CheckOptions = {}): Pro
   }
   result.imageEndOffset = (highest + 1) * c.cs;
   if (sn.corruptions && fix & FIX_ERRORS) {
-    const tableMoved = async (offset: number, clusters: number): Promise<void> => {
-      const b = new Uint8Array(12);
-      setU64(view(b), 0, offset);
-      view(b).setUint32(8, clusters);
-      await c.write(b, 48);
-      await c.s.flush();
-      c.h = { ...c.h, refcountTableOffset: offset, refcountTableClusters: clusters };
-    };
+    const tableMoved = (offset: number, clusters: number) => c.pointHeaderAtRefcountTable(offset, clusters);
     if (!(await rewriteSnapshotTable(storage, { ...c.h }, sn, log, tableMoved))) {
       sn.checkErrors++;
       throw new CheckFailed("File too large", withSnapshotResult(result, sn));

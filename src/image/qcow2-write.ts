@@ -988,7 +988,7 @@ export class Qcow2Writer {
         }),
       );
     } catch (e) {
-      if (e instanceof QcowError && e.code === "corrupt") await this.markCorrupt(e.message);
+      await this.signalCorruption(e);
       throw e;
     }
   }
@@ -1114,5 +1114,10 @@ export class Qcow2Writer {
     this.corruption = reason;
     this.img.header.incompatibleFeatures |= INCOMPAT_CORRUPT;
     await this.writeHeader();
+  }
+
+  /** `e`, if it is an inconsistency in the image's metadata, marks the image corrupt. */
+  async signalCorruption(e: unknown): Promise<void> {
+    if (e instanceof QcowError && e.code === "corrupt") await this.markCorrupt(e.message);
   }
 }

@@ -170,8 +170,10 @@ export class Qcow2Image implements BlockDevice {
     this.codec = h.compressionType === COMPRESSION_ZSTD ? codecs.zstd : codecs.zlib;
   }
 
-  /** Reads and validates the header; the caller opens backing and data files (see openImage). */
-  /** `forCheck`: the snapshot table pointer is left for the check to judge (see decodeHeader). */
+  /**
+   * Reads and validates the header; the caller opens backing and data files (see openImage).
+   * `forCheck`: the snapshot table pointer is left for the check to judge (see decodeHeader).
+   */
   static async readHeader(
     storage: Storage,
     allowEncrypted = false,
@@ -382,12 +384,15 @@ export class Qcow2Image implements BlockDevice {
       let pos = offset;
       const end = offset + dst.length;
       while (pos < end) {
-        const run = await this.mapping(pos, end - pos).catch(async (e: unknown) => {
+        let run: MappingRun;
+        try {
+          run = await this.mapping(pos, end - pos);
+        } catch (e) {
           // As QEMU (qcow2_signal_corruption on any access): an invalid L1 or L2 entry found
           // while reading an image open for writing marks it corrupt (iotest 271).
-          if (this.writer && e instanceof QcowError && e.code === "corrupt") await this.writer.markCorrupt(e.message);
+          await this.writer?.signalCorruption(e);
           throw e;
-        });
+        }
         const part = dst.subarray(pos - offset, pos - offset + run.length);
         jobs.push(this.readRun(run, part, pos));
         pos += run.length;
@@ -608,7 +613,7 @@ export class Qcow2Image implements BlockDevice {
     try {
       await op(w);
     } catch (e) {
-      if (e instanceof QcowError && e.code === "corrupt") await w.markCorrupt(e.message);
+      await w.signalCorruption(e);
       throw e;
     }
   }

@@ -3,18 +3,22 @@
  * memcmp, ~10x faster than a loop in JavaScript); elsewhere four bytes at a time where
  * alignment allows.
  */
-const compare = (globalThis as { Buffer?: { compare(a: Uint8Array, b: Uint8Array): number } }).Buffer?.compare;
-const ZEROS = new Uint8Array(compare ? 64 * 1024 : 0);
+type Compare = (a: Uint8Array, b: Uint8Array) => number;
+const compare = (globalThis as { Buffer?: { compare: Compare } }).Buffer?.compare;
 
-export const isZero: (buf: Uint8Array) => boolean = compare ? isZeroNative : isZeroPortable;
+export const isZero: (buf: Uint8Array) => boolean = compare ? isZeroBy(compare) : isZeroPortable;
 
-function isZeroNative(buf: Uint8Array): boolean {
-  if (buf.length > 0 && buf[0] !== 0) return false;
-  for (let i = 0; i < buf.length; i += ZEROS.length) {
-    const part = buf.subarray(i, Math.min(buf.length, i + ZEROS.length));
-    if ((compare as (a: Uint8Array, b: Uint8Array) => number)(part, ZEROS.subarray(0, part.length)) !== 0) return false;
-  }
-  return true;
+/** Zero detection with a native memcmp: the buffer against a block of zeros, 64 KiB at a time. */
+function isZeroBy(cmp: Compare): (buf: Uint8Array) => boolean {
+  const zeros = new Uint8Array(64 * 1024);
+  return (buf) => {
+    if (buf.length > 0 && buf[0] !== 0) return false;
+    for (let i = 0; i < buf.length; i += zeros.length) {
+      const part = buf.subarray(i, Math.min(buf.length, i + zeros.length));
+      if (cmp(part, zeros.subarray(0, part.length)) !== 0) return false;
+    }
+    return true;
+  };
 }
 
 /** The JavaScript loop (browsers); exported for its tests. */

@@ -15,17 +15,18 @@ type AllocateFn = (fd: number, offset: number, length: number) => number;
 
 /**
  * The native binding built at install (native/seek.c): lseek(SEEK_DATA/SEEK_HOLE), OFD locks,
- * reads from the page cache.
+ * reads from the page cache, fallocate. Everything is optional: without the addon (a failed
+ * build) qcowkit works without these.
  */
-const native: { seek?: SeekFn; lock?: LockFn; readCached?: ReadCachedFn; allocate?: AllocateFn } = (() => {
+interface Native {
+  seek?: SeekFn;
+  lock?: LockFn;
+  readCached?: ReadCachedFn;
+  allocate?: AllocateFn;
+}
+const native: Native = (() => {
   try {
-    const require = createRequire(import.meta.url);
-    return require("../../../build/Release/qcowkit_seek.node") as {
-      seek: SeekFn;
-      lock: LockFn;
-      readCached?: ReadCachedFn;
-      allocate?: AllocateFn;
-    };
+    return createRequire(import.meta.url)("../../../build/Release/qcowkit_seek.node") as Native;
   } catch {
     return {};
   }

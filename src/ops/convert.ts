@@ -205,29 +205,26 @@ async function writeSparse(
     await target.write(buf, offset);
     return;
   }
-  // The runs are written one after another, in order: a new image allocates their clusters in
-  // guest order.
-  const writes: (() => Promise<void>)[] = [];
+  // Each run is written as soon as it ends, one after another, in order: a new image allocates
+  // their clusters in guest order.
   let runStart = 0;
   let runZero: boolean | undefined;
-  const flush = (end: number): void => {
+  const flush = async (end: number): Promise<void> => {
     if (runZero === undefined || end === runStart) return;
-    const part = buf.subarray(runStart, end);
     const at = offset + runStart;
-    if (!runZero) writes.push(() => target.write(part, at));
-    else if (!targetZeroed) writes.push(() => target.writeZeroes(at, part.length));
+    if (!runZero) await target.write(buf.subarray(runStart, end), at);
+    else if (!targetZeroed) await target.writeZeroes(at, end - runStart);
   };
   for (let at = 0; at < buf.length; ) {
     const blockEnd = Math.min(buf.length, at + minSparse - ((offset + at) % minSparse));
     const zero =
       blockEnd - at === minSparse || offset + blockEnd === target.size ? isZero(buf.subarray(at, blockEnd)) : false;
     if (zero !== runZero) {
-      flush(at);
+      await flush(at);
       runStart = at;
       runZero = zero;
     }
     at = blockEnd;
   }
-  flush(buf.length);
-  for (const write of writes) await write();
+  await flush(buf.length);
 }

@@ -15,7 +15,7 @@ import * as fs from "node:fs/promises";
 import * as path from "node:path";
 import { before, describe, test } from "node:test";
 import { assertSameCheck, assertSameRefusal, makeImage, peek, poke, show } from "./iotests-util.js";
-import { qcowkit, qemuImg, qemuImgOk, requireTool, useTempDir } from "./util.js";
+import { qcowkit, qemuImg, qemuImgOk, requireTool, snapshotTableEntries, useTempDir } from "./util.js";
 
 const tmp = useTempDir("iotests-261");
 
@@ -27,23 +27,11 @@ interface Entry {
 
 /** The snapshot table as 261's print_snapshot_table reads it (ID, name, raw extra data). */
 async function snapshotTable(file: string): Promise<Entry[]> {
-  const data = await fs.readFile(file);
-  const n = data.readUInt32BE(60);
-  let at = Number(data.readBigUInt64BE(64));
-  const out: Entry[] = [];
-  for (let i = 0; i < n; i++) {
-    const idLen = data.readUInt16BE(at + 12);
-    const nameLen = data.readUInt16BE(at + 14);
-    const extraLen = data.readUInt32BE(at + 36);
-    const e = at + 40;
-    out.push({
-      extra: data.subarray(e, e + extraLen),
-      id: data.subarray(e + extraLen, e + extraLen + idLen).toString(),
-      name: data.subarray(e + extraLen + idLen, e + extraLen + idLen + nameLen).toString(),
-    });
-    at += Math.ceil((40 + extraLen + idLen + nameLen) / 8) * 8;
-  }
-  return out;
+  return (await snapshotTableEntries(file)).map((e) => ({
+    extra: e.extra,
+    id: e.id.toString(),
+    name: e.name.toString(),
+  }));
 }
 
 /** 261's template: v2 with sn0 (no extra data), sn1 (50 bytes, unknown data), sn2 (8 bytes). */

@@ -20,6 +20,7 @@ import {
   qemuImg,
   qemuImgOk,
   qemuIoOk,
+  snapshotTableEntries,
   useTempDir,
 } from "./util.js";
 
@@ -79,19 +80,12 @@ describe("qcowkit snapshot", () => {
 
   /** Raw bytes of every snapshot table entry, without its L1 offset and dates. */
   async function entryBytes(img: string): Promise<string[]> {
-    const b = await fs.readFile(img);
-    const count = b.readUInt32BE(60);
-    let at = Number(b.readBigUInt64BE(64));
-    const out: string[] = [];
-    for (let i = 0; i < count; i++) {
-      const len = 40 + b.readUInt32BE(at + 36) + b.readUInt16BE(at + 12) + b.readUInt16BE(at + 14);
-      const e = Buffer.from(b.subarray(at, at + len));
+    return (await snapshotTableEntries(img)).map(({ bytes }) => {
+      const e = Buffer.from(bytes);
       e.fill(0, 0, 8); // l1_table_offset
       e.fill(0, 16, 24); // date_sec, date_nsec
-      out.push(e.toString("hex"));
-      at += Math.ceil(len / 8) * 8;
-    }
-    return out;
+      return e.toString("hex");
+    });
   }
 
   type Step = { op: "c" | "a" | "d"; name: string } | { io: string[] };

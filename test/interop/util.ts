@@ -365,6 +365,34 @@ async function readFully(fh: fs.FileHandle, buf: Buffer, n: number, pos: number)
 }
 
 /** Bytes a file occupies on disk (st_blocks × 512). */
+/**
+ * The raw entries of a qcow2 image's snapshot table, read straight from the file (nb_snapshots
+ * at 60, the table offset at 64), each with its parts: the 40 fixed bytes, extra data, ID, name.
+ */
+export async function snapshotTableEntries(
+  file: string,
+): Promise<{ bytes: Buffer; extra: Buffer; id: Buffer; name: Buffer }[]> {
+  const data = await fs.readFile(file);
+  const count = data.readUInt32BE(60);
+  let at = Number(data.readBigUInt64BE(64));
+  const out = [];
+  for (let i = 0; i < count; i++) {
+    const idLen = data.readUInt16BE(at + 12);
+    const nameLen = data.readUInt16BE(at + 14);
+    const extraLen = data.readUInt32BE(at + 36);
+    const e = at + 40;
+    const end = e + extraLen + idLen + nameLen;
+    out.push({
+      bytes: data.subarray(at, end),
+      extra: data.subarray(e, e + extraLen),
+      id: data.subarray(e + extraLen, e + extraLen + idLen),
+      name: data.subarray(e + extraLen + idLen, end),
+    });
+    at += Math.ceil((end - at) / 8) * 8;
+  }
+  return out;
+}
+
 export async function allocatedBytes(file: string): Promise<number> {
   return (await fs.stat(file)).blocks * 512;
 }
