@@ -5,12 +5,15 @@
  *    locking rests, so that qcowkit and QEMU see each other's locks;
  *  - preadv2(RWF_NOWAIT): a read served from the page cache without a trip through libuv's
  *    thread pool, which costs more than the copy itself for data already in memory;
- *  - fallocate(): space for new clusters reserved before their data is written, as QEMU does.
+ *  - fallocate(): space for new clusters reserved before their data is written, as QEMU does;
+ *  - where a buffer's bytes lie in memory, so that I/O buffers can start on a page as QEMU's do
+ *    (the kernel copies into and out of a buffer 16 bytes off a cache line ~25 % slower).
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <node_api.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -142,6 +145,26 @@ static napi_value Allocate(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* pageOffset(Uint8Array) -> where its first byte lies within a 4096-byte page. */
+static napi_value PageOffset(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  napi_typedarray_type type;
+  size_t length;
+  void *data;
+  napi_value result;
+  bool is_typedarray = false;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 1 ||
+      napi_is_typedarray(env, argv[0], &is_typedarray) != napi_ok || !is_typedarray ||
+      napi_get_typedarray_info(env, argv[0], &type, &length, &data, NULL, NULL) != napi_ok ||
+      type != napi_uint8_array) {
+    napi_throw_type_error(env, NULL, "pageOffset(Uint8Array)");
+    return NULL;
+  }
+  napi_create_int32(env, (int32_t)((uintptr_t)data & 4095), &result);
+  return result;
+}
+
 NAPI_MODULE_INIT() {
   napi_value fn;
   napi_create_function(env, "seek", NAPI_AUTO_LENGTH, Seek, NULL, &fn);
@@ -152,5 +175,7 @@ NAPI_MODULE_INIT() {
   napi_set_named_property(env, exports, "readCached", fn);
   napi_create_function(env, "allocate", NAPI_AUTO_LENGTH, Allocate, NULL, &fn);
   napi_set_named_property(env, exports, "allocate", fn);
+  napi_create_function(env, "pageOffset", NAPI_AUTO_LENGTH, PageOffset, NULL, &fn);
+  napi_set_named_property(env, exports, "pageOffset", fn);
   return exports;
 }

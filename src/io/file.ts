@@ -3,6 +3,7 @@ import { read as fsRead, write as fsWrite } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { createRequire } from "node:module";
 import { QcowError } from "../errors.js";
+import { setPageOffsetProbe } from "./buffer.js";
 import type { DataRun, Storage } from "./storage.js";
 
 type SeekFn = (fd: number, offset: number, which: 0 | 1) => number;
@@ -12,10 +13,12 @@ type LockFn = (fd: number, start: number, length: number, op: 0 | 1 | 2 | 3 | 4)
 type ReadCachedFn = (fd: number, dst: Uint8Array, offset: number) => number;
 /** fallocate(fd, 0, offset, length): 0 or errno. */
 type AllocateFn = (fd: number, offset: number, length: number) => number;
+/** Where a buffer's first byte lies within its 4096-byte page. */
+type PageOffsetFn = (b: Uint8Array) => number;
 
 /**
  * The native binding built at install (native/seek.c): lseek(SEEK_DATA/SEEK_HOLE), OFD locks,
- * reads from the page cache, fallocate. Everything is optional: without the addon (a failed
+ * reads from the page cache, fallocate, buffer addresses. Everything is optional: without the addon (a failed
  * build) qcowkit works without these.
  */
 interface Native {
@@ -23,6 +26,7 @@ interface Native {
   lock?: LockFn;
   readCached?: ReadCachedFn;
   allocate?: AllocateFn;
+  pageOffset?: PageOffsetFn;
 }
 const native: Native = (() => {
   try {
@@ -32,6 +36,8 @@ const native: Native = (() => {
   }
 })();
 const seek = native.seek;
+// I/O buffers (ioBuffer) start on a page where the addon can tell where they lie.
+setPageOffsetProbe(native.pageOffset);
 
 /**
  * Reads up to this size are first tried from the page cache on the calling thread: for a small

@@ -10,6 +10,7 @@ import { invalidArgument, QcowError } from "../errors.js";
 import type { Image, StorageOpener } from "../image/open.js";
 import { Qcow2Image } from "../image/qcow2.js";
 import { resizeImage } from "../image/resize.js";
+import { ioBuffer } from "../io/buffer.js";
 import { mapExtents } from "./map.js";
 
 /** Data is copied at most this much per request, with a few requests in flight. */
@@ -76,12 +77,12 @@ export async function commit(top: Image, base: Image, depth: number, opts: Commi
   };
   const buffers: Uint8Array[] = [];
   const copy = async (offset: number, length: number): Promise<void> => {
-    const buf = (buffers.pop() ?? new Uint8Array(COMMIT_CHUNK)).subarray(0, length);
+    const buf = (buffers.pop() ?? ioBuffer(COMMIT_CHUNK)).subarray(0, length);
     try {
       await top.read(buf, offset);
       await base.write(buf, offset);
     } finally {
-      buffers.push(new Uint8Array(buf.buffer, 0, COMMIT_CHUNK));
+      buffers.push(new Uint8Array(buf.buffer, buf.byteOffset, COMMIT_CHUNK));
     }
   };
   for await (const e of mapExtents(top)) {

@@ -5,6 +5,7 @@
  */
 import type { BlockDevice } from "../image/block-device.js";
 import { isZero } from "../image/zero.js";
+import { ioBuffer } from "../io/buffer.js";
 import { mapExtents } from "./map.js";
 
 /** qemu-img's I/O buffer: data is copied at most this much per request. */
@@ -100,14 +101,16 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
   const minSparse = opts.minSparse === 0 ? 0 : Math.max(opts.minSparse ?? 4096, targetCluster);
   const targetZeroed = opts.targetZeroed ?? false;
   const compressor = opts.compressor;
-  const cs = compressor ? (target as CompressedTarget).clusterSize : 1;
+  // Data is copied in whole target clusters: a write of part of a new cluster would have to
+  // assemble the rest of it (copy-on-write) and the next range would write into it again.
+  const cs = Math.max(1, targetCluster);
   const total = sources.reduce((n, s) => n + s.size, 0);
   const pool = new TaskPool(Math.max(1, opts.parallel ?? 8));
   const buffers: Uint8Array[] = [];
   let done = 0;
   const advance = (n: number): void => {
     done += n;
-    opts.onProgress?.(total === 0 ? 1 : done / total);
+    opts.onProgress?.(total === 0 ? 1 : Math.min(1, done / total));
   };
   // Without -W, a chunk's writes start only once the previous chunk's writes are done (the
   // place in line is taken when the chunk is dispatched, in guest order), as qemu-img does: a
@@ -126,18 +129,18 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
 
   const copyChunk = async (dst: number, length: number): Promise<void> => {
     const slot = takeSlot();
-    const buf = (buffers.pop() ?? new Uint8Array(CONVERT_CHUNK)).subarray(0, length);
+    const buf = (buffers.pop() ?? ioBuffer(CONVERT_CHUNK)).subarray(0, length);
     try {
       await readSources(sources, buf, dst);
       if (compressor) {
-        const packed = await compressor.compress(buf, cs);
+        const packed = await compressor.compress(buf, (target as CompressedTarget).clusterSize);
         await slot.run(() => writeClusters(target as CompressedTarget, buf, dst, packed, targetZeroed));
       } else {
         await slot.run(() => writeSparse(target, buf, dst, minSparse, targetZeroed));
       }
     } finally {
       slot.release();
-      buffers.push(new Uint8Array(buf.buffer, 0, CONVERT_CHUNK));
+      buffers.push(new Uint8Array(buf.buffer, buf.byteOffset, CONVERT_CHUNK));
     }
     advance(length);
   };

@@ -10,6 +10,7 @@
 import { QcowError } from "../errors.js";
 import type { BlockDevice } from "../image/block-device.js";
 import type { Qcow2Image } from "../image/qcow2.js";
+import { ioBuffer } from "../io/buffer.js";
 import { ExtentCursor } from "./extents.js";
 import { mapExtents } from "./map.js";
 
@@ -59,8 +60,8 @@ async function copyDifferences(
   const newSize = newBacking?.size ?? 0;
   const prefix = opts.newBackingDepth;
   const cursor = newBacking && newSize > 0 ? new ExtentCursor(newBacking, 0, newSize) : undefined;
-  const bufOld = new Uint8Array(REBASE_CHUNK);
-  const bufNew = new Uint8Array(REBASE_CHUNK);
+  const bufOld = ioBuffer(REBASE_CHUNK);
+  const bufNew = ioBuffer(REBASE_CHUNK);
   for await (const e of mapExtents(image)) {
     opts.onProgress?.(size === 0 ? 1 : e.start / size);
     // The image's own clusters stay; so does what no layer above the new backing file holds.
