@@ -55,7 +55,7 @@ const USAGE = `usage: npm run bench -- [options]
   --list            list the cases and exit
   --data DIR        input cache (default bench/.data)
   --json FILE       results file (default bench/results/latest.json)
-  --cli FILE        qcowkit CLI entry (default dist/src/cli/qcowkit.js)
+  --cli FILE        qcowkit CLI entry (default dist/src/cli/qcowkit.cjs)
   --timeout SEC     limit for one command (default 600)
   --no-verify       skip the output checks (qemu-img compare / check of qcowkit's output)`;
 
@@ -83,7 +83,7 @@ function parseOptions(argv: string[]): Options {
       list: { type: "boolean", default: false },
       data: { type: "string", default: join(ROOT, "bench", ".data") },
       json: { type: "string", default: join(ROOT, "bench", "results", "latest.json") },
-      cli: { type: "string", default: join(ROOT, "dist", "src", "cli", "qcowkit.js") },
+      cli: { type: "string", default: join(ROOT, "dist", "src", "cli", "qcowkit.cjs") },
       timeout: { type: "string", default: "600" },
       "no-verify": { type: "boolean", default: false },
       help: { type: "boolean", short: "h", default: false },

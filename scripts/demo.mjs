@@ -7,7 +7,7 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 
 const root = dirname(dirname(fileURLToPath(import.meta.url)));
-const cli = join(root, "dist/src/cli/qcowkit.js");
+const cli = join(root, "dist/src/cli/qcowkit.cjs");
 const { openImageFile } = await import(join(root, "dist/src/node.js"));
 const dir = join(root, "demo-out");
 

@@ -5,16 +5,20 @@
  */
 import { createReadStream } from "node:fs";
 import { stat } from "node:fs/promises";
-import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
+import type * as Http from "node:http";
+import type { IncomingMessage, ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 import { QcowError } from "../errors.js";
 import { Qcow2Image } from "../image/qcow2.js";
+import { lazyBuiltin } from "../lazy-builtin.js";
 import { FileStorage } from "../io/file.js";
 import { combinePath } from "../io/storage.js";
 import type { Command } from "./commands.js";
 import { ExitError } from "./exit.js";
+
+const http = lazyBuiltin<typeof Http>("node:http");
 
 const DIST = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 
@@ -85,7 +89,7 @@ export async function startInspectorServer(opts: {
     for (const c of await chainFiles(f)) served.add(c);
   }
 
-  const server = createServer((req, res) => {
+  const server = http().createServer((req, res) => {
     handle(req, res).catch((e: unknown) => {
       if (!res.headersSent) send(res, 500, (e as Error).message);
       else res.destroy();

@@ -1,4 +1,3 @@
-#!/usr/bin/env node
 /** The qcowkit command: qemu-img's subcommands, flags, output and exit codes. */
 import { parseArgs } from "node:util";
 import { QcowError } from "../errors.js";

@@ -1,10 +1,13 @@
 /** Node codecs: zlib from Node itself, zstd from zstd-napi (native libzstd). */
 
 import { createRequire } from "node:module";
-import { constants, deflateRawSync, inflateRawSync } from "node:zlib";
+import type * as Zlib from "node:zlib";
 import type * as ZstdBinding from "zstd-napi/binding.js";
 import { corrupt } from "../errors.js";
+import { lazyBuiltin } from "../lazy-builtin.js";
 import type { Codec, Codecs } from "./codec.js";
+
+const zlib = lazyBuiltin<typeof Zlib>("node:zlib");
 
 export const nodeZlib: Codec = {
   name: "zlib",
@@ -12,8 +15,8 @@ export const nodeZlib: Codec = {
     let out: Buffer;
     try {
       // Z_SYNC_FLUSH: a stream cut at the end of its last sector still yields what it holds.
-      out = inflateRawSync(src, {
-        finishFlush: constants.Z_SYNC_FLUSH,
+      out = zlib().inflateRawSync(src, {
+        finishFlush: zlib().constants.Z_SYNC_FLUSH,
         maxOutputLength: dst.length + 1,
         chunkSize: Math.max(16384, dst.length + 1024),
       });
@@ -73,7 +76,8 @@ export const nodeZstd: Codec = {
  * Undefined when the result would not be smaller than the cluster (QEMU then stores it plain).
  */
 export function compressZlib(src: Uint8Array): Uint8Array | undefined {
-  const out = deflateRawSync(src, { windowBits: 12, memLevel: 9, level: constants.Z_DEFAULT_COMPRESSION });
+  const z = zlib();
+  const out = z.deflateRawSync(src, { windowBits: 12, memLevel: 9, level: z.constants.Z_DEFAULT_COMPRESSION });
   return out.length < src.length ? out : undefined;
 }
 

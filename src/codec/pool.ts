@@ -3,9 +3,13 @@
  * the main thread reads and writes.
  */
 import { availableParallelism } from "node:os";
-import { Worker } from "node:worker_threads";
+import type * as WorkerThreads from "node:worker_threads";
+import type { Worker } from "node:worker_threads";
+import { lazyBuiltin } from "../lazy-builtin.js";
 import type { Compressor } from "../ops/convert.js";
 import type { CompressReply, CompressRequest } from "./compress-worker.js";
+
+const workerThreads = lazyBuiltin<typeof WorkerThreads>("node:worker_threads");
 
 export class CompressionPool implements Compressor {
   private readonly workers: { worker: Worker; busy: number }[] = [];
@@ -20,7 +24,7 @@ export class CompressionPool implements Compressor {
     threads = availableParallelism(),
   ) {
     for (let i = 0; i < Math.max(1, threads); i++) {
-      const worker = new Worker(new URL("../codec/compress-worker.js", import.meta.url));
+      const worker = new (workerThreads().Worker)(new URL("../codec/compress-worker.js", import.meta.url));
       worker.on("message", (reply: CompressReply) => {
         const p = this.pending.get(reply.id);
         if (!p) return;

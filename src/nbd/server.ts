@@ -12,9 +12,11 @@
  * nothing a client sends can reach the image except well-formed, in-bounds requests.
  */
 import { EventEmitter } from "node:events";
-import * as net from "node:net";
+import type * as net from "node:net";
 import { QcowError } from "../errors.js";
 import type { BlockDevice, Extent } from "../image/block-device.js";
+import { ioBuffer } from "../io/buffer.js";
+import { lazyBuiltin } from "../lazy-builtin.js";
 import * as P from "./protocol.js";
 
 export interface NbdExport {
@@ -82,7 +84,7 @@ class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
   take(n: number): Buffer {
     const size = Math.max(65536, 2 ** Math.ceil(Math.log2(Math.max(1, n))));
-    return this.free.get(size)?.pop() ?? Buffer.allocUnsafeSlow(size);
+    return this.free.get(size)?.pop() ?? pageBuffer(size);
   }
   give(b: Buffer): void {
     const list = this.free.get(b.length) ?? [];
@@ -91,6 +93,13 @@ class BufferPool {
   }
 }
 const readBuffers = new BufferPool();
+const netModule = lazyBuiltin<typeof net>("node:net");
+
+/** A Buffer on ioBuffer's page-aligned memory: the kernel copies to and from it fastest. */
+function pageBuffer(size: number): Buffer {
+  const b = ioBuffer(size);
+  return Buffer.from(b.buffer, b.byteOffset, b.length);
+}
 
 /** The client closed, or sent something that ends the connection. */
 class Hangup extends Error {}
@@ -158,7 +167,7 @@ class SocketReader {
       this.have -= n;
       return head.subarray(0, n);
     }
-    const out = Buffer.allocUnsafe(n);
+    const out = n >= 65536 ? pageBuffer(n) : Buffer.allocUnsafe(n);
     let at = 0;
     while (at < n) {
       const c = this.chunks[0];
@@ -669,7 +678,7 @@ export class NbdServer extends EventEmitter {
   constructor(private readonly opts: NbdServerOptions) {
     super();
     this.log = opts.log ?? (() => {});
-    this.server = net.createServer((socket) => this.accept(socket));
+    this.server = netModule().createServer((socket) => this.accept(socket));
   }
 
   /** Starts listening on a TCP address or a Unix socket path. */

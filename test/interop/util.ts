@@ -17,7 +17,7 @@ import { fileURLToPath } from "node:url";
 
 /** Repository root: this file runs as dist/test/interop/util.js, three levels below it. */
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../../..");
-export const QCOWKIT_MAIN = path.join(REPO_ROOT, "dist/src/cli/qcowkit.js");
+export const QCOWKIT_MAIN = path.join(REPO_ROOT, "dist/src/cli/qcowkit.cjs");
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -159,7 +159,7 @@ export function qemuIo(args: readonly string[], opts?: RunOptions): Promise<RunR
 }
 
 /**
- * Runs the qcowkit CLI (`node dist/src/cli/qcowkit.js`).
+ * Runs the qcowkit CLI (`node dist/src/cli/qcowkit.cjs`).
  *
  * QCOWKIT_INTEROP_SELFTEST=1 runs qemu-img in its place: every comparison must then pass, except the
  * checks of qcowkit's own error messages. That checks the suite itself (e.g. on a new QEMU version).
