@@ -155,6 +155,20 @@ class OnDiskRefcounts {
     return getRefcount(block, index % this.c.blockEntries, this.c.h.refcountOrder);
   }
 
+  /**
+   * The refcount of cluster `index` without waiting, when its block is the one last used or
+   * the table has none for it; undefined otherwise (then `get`). Check looks up one refcount
+   * per allocated cluster, mostly in one block after another.
+   */
+  peek(index: number): number | undefined {
+    const t = Math.floor(index / this.c.blockEntries);
+    if (t >= this.entries) return 0;
+    const offset = this.blockOffset(t);
+    if (offset === 0) return 0;
+    if (offset !== this.lastOffset || this.lastBlock === undefined) return undefined;
+    return getRefcount(this.lastBlock, index % this.c.blockEntries, this.c.h.refcountOrder);
+  }
+
   /** Refcount block `t`: null where the table has none, an Error where its offset is unusable. */
   async blockAt(t: number): Promise<DataView | null | Error> {
     if (t >= this.entries) return null;
@@ -697,7 +711,8 @@ class Checker {
         if (!allocated) continue;
         let refcount = 1;
         if (!this.externalData) {
-          const r = await this.disk.get(Math.floor(dataOffset / this.cs));
+          const cluster = Math.floor(dataOffset / this.cs);
+          const r = this.disk.peek(cluster) ?? (await this.disk.get(cluster));
           if (r instanceof Error) continue;
           refcount = r;
         }

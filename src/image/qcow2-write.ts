@@ -251,7 +251,25 @@ export class Qcow2Writer {
     const l1Index = Math.floor(gc / img.l2Entries);
     const owned = img.l1Copied[l1Index] === 1 ? img.l1[l1Index] : 0;
     const l2Offset = owned !== 0 ? owned : await this.ownL2(l1Index);
-    const table = img.l2Cache.peek(l2Offset) ?? (await img.loadL2(l2Offset));
+    this.putEntry(img.l2Cache.peek(l2Offset) ?? (await img.loadL2(l2Offset)), l2Offset, gc, hi, lo, alloc, zero);
+  }
+
+  /**
+   * setEntry without waiting, where the L2 table is this image's own and cached (most calls):
+   * false when it is not, and nothing was changed.
+   */
+  private setCachedEntry(gc: number, hi: number, lo: number, alloc: number, zero: number): boolean {
+    const img = this.img;
+    const l1Index = Math.floor(gc / img.l2Entries);
+    const l2Offset = img.l1Copied[l1Index] === 1 ? img.l1[l1Index] : 0;
+    const table = l2Offset !== 0 ? img.l2Cache.peek(l2Offset) : undefined;
+    if (table === undefined) return false;
+    this.putEntry(table, l2Offset, gc, hi, lo, alloc, zero);
+    return true;
+  }
+
+  private putEntry(table: DataView, l2Offset: number, gc: number, hi: number, lo: number, alloc: number, zero: number): void {
+    const img = this.img;
     const at = (gc % img.l2Entries) * img.l2EntryBytes;
     table.setUint32(at, hi);
     table.setUint32(at + 4, lo);
@@ -390,14 +408,20 @@ export class Qcow2Writer {
       const hosts: number[] = [];
       let keep: boolean[];
       try {
-        for (let gc = c0; gc < c1; gc++) entries.push(await this.entry(gc));
+        for (let gc = c0; gc < c1; gc++) {
+          const e = this.entry(gc);
+          entries.push(e instanceof Promise ? await e : e);
+        }
         // Clusters that already have a host cluster of their own keep it.
-        keep = entries.map(
-          (e) => e?.copied === true && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc),
-        );
-        const fresh = keep.filter((k) => !k).length;
+        keep = [];
+        let fresh = 0;
+        for (const e of entries) {
+          const k = e?.copied === true && (e.type === ClusterType.Normal || e.type === ClusterType.ZeroAlloc);
+          keep.push(k);
+          if (!k) fresh++;
+        }
         await this.meta.run(async () => {
-          const base = fresh > 0 ? await this.allocateDataRun(c0, keep) : [];
+          const base = fresh > 0 ? await this.allocateDataRun(c0, keep, fresh) : [];
           let next = 0;
           for (let i = 0; i < keep.length; i++) hosts.push(keep[i] ? (entries[i] as L2Entry).hostOffset : base[next++]);
         });
@@ -496,7 +520,7 @@ export class Qcow2Writer {
             zero = keepBits ? (e.zeroMask & ~touched) >>> 0 : 0;
           }
           const [hi, lo] = encodeStandardL2(host, true, false);
-          await this.setEntry(gc, hi, lo, alloc, zero);
+          if (!this.setCachedEntry(gc, hi, lo, alloc, zero)) await this.setEntry(gc, hi, lo, alloc, zero);
           if (!keep[i]) this.releaseEntry(e);
         }
       });
@@ -504,13 +528,13 @@ export class Qcow2Writer {
   }
 
   /** New host clusters for the entries not kept, contiguous where possible. */
-  private async allocateDataRun(c0: number, keep: boolean[]): Promise<number[]> {
+  private async allocateDataRun(c0: number, keep: boolean[], fresh: number): Promise<number[]> {
     if (this.img.dataFile) {
       const out: number[] = [];
       for (let i = 0; i < keep.length; i++) if (!keep[i]) out.push((c0 + i) * this.cs);
       return out;
     }
-    const offsets = await this.refcounts.allocateMany(keep.filter((k) => !k).length, this.tableMoved);
+    const offsets = await this.refcounts.allocateMany(fresh, this.tableMoved);
     this.checkOverlap(offsets);
     return offsets;
   }
@@ -785,11 +809,13 @@ export class Qcow2Writer {
       const hosts = await this.meta.run(async () => {
         await this.ownL2(l1Index);
         const keep: boolean[] = [];
+        let fresh = 0;
         for (let i = 0; i < n; i++) {
           const e = await this.entry(c0 + i);
           keep.push(e !== undefined && e.type !== ClusterType.Unallocated);
+          if (!keep[i]) fresh++;
         }
-        const offsets = await this.allocateDataRun(c0, keep);
+        const offsets = await this.allocateDataRun(c0, keep, fresh);
         let next = 0;
         for (let i = 0; i < n; i++) {
           if (keep[i]) continue;

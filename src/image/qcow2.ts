@@ -315,10 +315,17 @@ export class Qcow2Image implements BlockDevice {
     );
   }
 
+  /** Whether L2 entry `i` is all zeros: an unallocated cluster with no subcluster bits. */
+  private emptyAt(table: DataView, i: number): boolean {
+    const at = i * this.l2EntryBytes;
+    if (table.getUint32(at) !== 0 || table.getUint32(at + 4) !== 0) return false;
+    return this.l2EntryBytes === 8 || (table.getUint32(at + 8) === 0 && table.getUint32(at + 12) === 0);
+  }
+
   /**
    * The status of the guest range starting at `offset`: one run of subclusters that share a
    * type (and, where they have one, contiguous host offsets), limited to `maxLength` and to one
-   * L2 table.
+   * L2 table, or to one run of L1 entries without a table.
    */
   async mapping(offset: number, maxLength: number): Promise<MappingRun> {
     const cs = this.clusterSize;
@@ -327,7 +334,17 @@ export class Qcow2Image implements BlockDevice {
     const tableEnd = (l1Index + 1) * this.l2Entries * cs;
     const limit = Math.min(offset + maxLength, tableEnd);
     const l2Offset = l1Index < this.l1.length ? this.l1[l1Index] : 0;
-    if (l2Offset === 0) return { type: SubclusterType.UnallocatedPlain, length: limit - offset };
+    if (l2Offset === 0) {
+      // Up to the next L1 entry that has a table: a sparse image's L1 table is mostly empty.
+      const span = this.l2Entries * cs;
+      const end = offset + maxLength;
+      let next = l1Index + 1;
+      while (next * span < end && (next >= this.l1.length || this.l1[next] === 0)) {
+        if (next >= this.l1.length) next = Math.ceil(end / span);
+        else next++;
+      }
+      return { type: SubclusterType.UnallocatedPlain, length: Math.min(end, next * span) - offset };
+    }
     const table = await this.loadL2(l2Offset);
     const sc = this.subclusterSize;
     let pos = offset;
@@ -335,6 +352,15 @@ export class Qcow2Image implements BlockDevice {
     let expectHost = 0;
     while (pos < limit) {
       const c = Math.floor(pos / cs);
+      // Empty entries (unallocated, bitmap clear) are most of a sparse image's tables: a run of
+      // them is taken without decoding each one.
+      if ((run === undefined || run.type === SubclusterType.UnallocatedPlain) && this.emptyAt(table, c % this.l2Entries)) {
+        run ??= { type: SubclusterType.UnallocatedPlain, length: 0 };
+        const stepEnd = Math.min((c + 1) * cs, limit);
+        run.length += stepEnd - pos;
+        pos = stepEnd;
+        continue;
+      }
       const e = this.decodeAt(table, c % this.l2Entries, l2Offset);
       const clusterStart = c * cs;
       const clusterEnd = clusterStart + cs;
