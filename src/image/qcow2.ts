@@ -125,6 +125,11 @@ export class Qcow2Image implements BlockDevice {
   writer: Qcow2Writer | undefined;
   private readonly codec: Codec | undefined;
   private readonly compressedCache = new TableCache<Uint8Array>(4 * 2 * 1024 * 1024);
+  /**
+   * Buffers for compressed clusters' bytes, reused: a fresh one per cluster is garbage whose
+   * bytes V8 lets pile up (tens of MiB while converting a compressed image).
+   */
+  private readonly compressedInput: Uint8Array[] = [];
   private preallocationChecked: boolean | undefined;
 
   private constructor(init: {
@@ -480,9 +485,14 @@ export class Qcow2Image implements BlockDevice {
         `No ${this.header.compressionType === COMPRESSION_ZSTD ? "zstd" : "zlib"} codec for compressed clusters`,
       );
     }
-    const src = new Uint8Array(c.size);
-    await readFull(this.storage, src, c.offset);
-    await this.codec.decompress(src, out);
+    const buf = this.compressedInput.pop() ?? new Uint8Array(2 * this.clusterSize);
+    const src = buf.length >= c.size ? buf.subarray(0, c.size) : new Uint8Array(c.size);
+    try {
+      await readFull(this.storage, src, c.offset);
+      await this.codec.decompress(src, out);
+    } finally {
+      if (this.compressedInput.length < 16) this.compressedInput.push(buf);
+    }
   }
 
   /**

@@ -30,9 +30,18 @@ export interface ConvertOptions {
   onProgress?: (fraction: number) => void;
 }
 
-/** Compresses a run of whole clusters; undefined where a cluster does not shrink. */
+/** Compresses a run of whole clusters. */
 export interface Compressor {
-  compress(clusters: Uint8Array, clusterSize: number): Promise<(Uint8Array | undefined)[]>;
+  /** Chunks it compresses at once: more than twice as many in flight only wait in its queue. */
+  readonly threads: number;
+  compress(clusters: Uint8Array, clusterSize: number): Promise<CompressedClusters>;
+}
+
+export interface CompressedClusters {
+  /** Each cluster compressed, or undefined where it does not shrink. */
+  clusters: (Uint8Array | undefined)[];
+  /** The results are written: their memory may be reused. */
+  release(): void;
 }
 
 /** A target that stores compressed clusters (a qcow2 image). */
@@ -136,7 +145,7 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
   // assemble the rest of it (copy-on-write) and the next range would write into it again.
   const cs = Math.max(1, targetCluster);
   const total = sources.reduce((n, s) => n + s.size, 0);
-  const parallel = Math.max(1, opts.parallel ?? 8);
+  const parallel = Math.max(1, Math.min(opts.parallel ?? 8, compressor ? 2 * compressor.threads : Infinity));
   const pacer = opts.outOfOrder ? undefined : new Pacer(parallel);
   const pool = new TaskPool(pacer?.window ?? parallel);
   const buffers: Uint8Array[] = [];
@@ -168,15 +177,19 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
       await readSources(sources, buf, dst);
       const packed = compressor ? await compressor.compress(buf, (target as CompressedTarget).clusterSize) : undefined;
       const readMs = performance.now() - t0;
-      await slot.run(async () => {
-        const t1 = performance.now();
-        if (packed) await writeClusters(target as CompressedTarget, buf, dst, packed, targetZeroed);
-        else await writeSparse(target, buf, dst, minSparse, targetZeroed);
-        if (pacer) {
-          pacer.observe(readMs, performance.now() - t1);
-          pool.limit = pacer.window;
-        }
-      });
+      try {
+        await slot.run(async () => {
+          const t1 = performance.now();
+          if (packed) await writeClusters(target as CompressedTarget, buf, dst, packed.clusters, targetZeroed);
+          else await writeSparse(target, buf, dst, minSparse, targetZeroed);
+          if (pacer) {
+            pacer.observe(readMs, performance.now() - t1);
+            pool.limit = pacer.window;
+          }
+        });
+      } finally {
+        packed?.release();
+      }
     } finally {
       slot.release();
       buffers.push(new Uint8Array(buf.buffer, buf.byteOffset, CONVERT_CHUNK));

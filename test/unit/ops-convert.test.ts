@@ -182,3 +182,68 @@ test("convert: a read error in a source fails the convert with that error", asyn
     (e: unknown) => e instanceof QcowError && e.code === "corrupt",
   );
 });
+
+/**
+ * A raw device whose reads and writes take `readMs` / `writeMs`. A source and its target share
+ * one counter of chunks in flight: read started and not yet written.
+ */
+class SlowDevice implements BlockDevice {
+  readonly size: number;
+  readonly readOnly = false;
+  constructor(
+    private readonly inner: RawImage,
+    private readonly readMs: number,
+    private readonly writeMs: number,
+    private readonly flight: { now: number; max: number },
+  ) {
+    this.size = inner.size;
+  }
+  async read(dst: Uint8Array, offset: number): Promise<void> {
+    this.flight.now++;
+    this.flight.max = Math.max(this.flight.max, this.flight.now);
+    if (this.readMs > 0) await new Promise((r) => setTimeout(r, this.readMs));
+    await this.inner.read(dst, offset);
+  }
+  async write(src: Uint8Array, offset: number): Promise<void> {
+    if (this.writeMs > 0) await new Promise((r) => setTimeout(r, this.writeMs));
+    await this.inner.write(src, offset);
+    this.flight.now--;
+  }
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return this.inner.writeZeroes(offset, length);
+  }
+  discard(offset: number, length: number): Promise<void> {
+    return this.inner.discard(offset, length);
+  }
+  blockStatus(offset: number, length: number) {
+    return this.inner.blockStatus(offset, length);
+  }
+  flush(): Promise<void> {
+    return this.inner.flush();
+  }
+  close(): Promise<void> {
+    return this.inner.close();
+  }
+}
+
+test("convert: in order, reads run only as far ahead as the writes need (up to -m)", async () => {
+  const size = 24 * 1024 * 1024; // 12 chunks of 2 MiB, each read once and written once
+  const data = noise(size, 9);
+  const run = async (readMs: number, writeMs: number, opts: { parallel?: number; outOfOrder?: boolean } = {}) => {
+    const flight = { now: 0, max: 0 };
+    const src = new SlowDevice(await RawImage.open(new MemoryStorage(data.slice())), readMs, 0, flight);
+    const { dev, storage } = await target(size);
+    await convert([src], new SlowDevice(dev, 0, writeMs, flight), { targetZeroed: true, minSparse: 0, ...opts });
+    assert.deepEqual(storage.bytes(), data);
+    return flight.max;
+  };
+  // Reading costs nothing beside writing: one chunk read while one is written.
+  assert.equal(await run(0, 25), 2);
+  // Slow reads: as many ahead as -m allows (8 by default, here 5).
+  assert.equal(await run(25, 0), 8);
+  assert.equal(await run(25, 0, { parallel: 5 }), 5);
+  // -m 1 stays one.
+  assert.equal(await run(0, 5, { parallel: 1 }), 1);
+  // Out of order (-W): all of -m from the start.
+  assert.equal(await run(0, 25, { outOfOrder: true, parallel: 4 }), 4);
+});
