@@ -571,6 +571,10 @@ class Connection {
         else parts.push({ start, length: end - start, hole });
       }
     }
+    // The data parts are read at once, each into its place in `buf`.
+    const part = (p: { start: number; length: number }) =>
+      buf.subarray(p.start - req.offset, p.start - req.offset + p.length);
+    await Promise.all(parts.filter((p) => !p.hole).map((p) => dev.read(part(p), p.start)));
     const out: Buffer[] = [];
     for (let i = 0; i < parts.length; i++) {
       const p = parts[i];
@@ -581,8 +585,7 @@ class Connection {
         b.writeUInt32BE(p.length, 8);
         out.push(P.chunkHeader(flags, P.REPLY_TYPE_OFFSET_HOLE, req.handle, 12), b);
       } else {
-        const data = buf.subarray(p.start - req.offset, p.start - req.offset + p.length);
-        await dev.read(data, p.start);
+        const data = part(p);
         const o = Buffer.alloc(8);
         o.writeBigUInt64BE(BigInt(p.start), 0);
         out.push(P.chunkHeader(flags, P.REPLY_TYPE_OFFSET_DATA, req.handle, 8 + p.length), o, data);
