@@ -300,14 +300,18 @@ async function main(): Promise<number> {
   const extraCaCerts = process.env.NODE_EXTRA_CA_CERTS;
   delete process.env.NODE_EXTRA_CA_CERTS;
   const rss = detectRssMethod();
-  const info = { ...machine(rss), nodeExtraCaCerts: extraCaCerts === undefined ? "unset" : `unset for the runs (was ${extraCaCerts})` };
+  const info = {
+    ...machine(rss),
+    nodeExtraCaCerts: extraCaCerts === undefined ? "unset" : `unset for the runs (was ${extraCaCerts})`,
+  };
   console.log("# qcowkit vs qemu-img");
   console.log("");
   console.log(`machine: nproc ${info.nproc}, ${info.cpu}, ${info.memoryGiB} GiB, Linux ${info.kernel}`);
   console.log(`load average at start: ${info.loadavg}`);
   console.log(`node ${info.node}; ${info.qemuImg}; ${info.nbdcopy}; ${info.fio}`);
   console.log(`peak memory: ${info.rssMethod}`);
-  if (extraCaCerts !== undefined) console.log(`NODE_EXTRA_CA_CERTS ${info.nodeExtraCaCerts}: it costs each Node start ~40 ms`);
+  if (extraCaCerts !== undefined)
+    console.log(`NODE_EXTRA_CA_CERTS ${info.nodeExtraCaCerts}: it costs each Node start ~40 ms`);
   console.log(`runs: ${opts.runs} timed runs of each tool per case, after one warm-up each, alternating`);
   if (opts.selfTest) console.log("SELF-TEST: qemu-img runs on the qcowkit side too; ratios should be near 1");
   else if (!existsSync(opts.cli))

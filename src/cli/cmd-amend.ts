@@ -5,6 +5,7 @@ import { openImageFile } from "../node.js";
 import type { Command } from "./commands.js";
 import { parseOptionList } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
+import { stdout } from "./output.js";
 import { Progress } from "./progress.js";
 import { parseSize } from "./size.js";
 
@@ -125,7 +126,7 @@ export function amendOptionsFrom(o: Map<string, string>): AmendOptions {
 
 function printAmendHelp(fmt: string): number {
   if (fmt === "qcow2") {
-    process.stdout.write(QCOW2_AMEND_HELP);
+    stdout(QCOW2_AMEND_HELP);
     return 0;
   }
   if (fmt === "raw") throw new ExitError("Format driver 'raw' does not support option amendment");

@@ -8,6 +8,7 @@ import { combinePath, fileOpener, openImageFile, sharedFileOpener } from "../nod
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanCheck } from "./human.js";
+import { stdout } from "./output.js";
 import { toQemuJson } from "./qobject.js";
 
 function fixMode(r: string | undefined): number {
@@ -99,7 +100,7 @@ export const check: Command = {
     const fix = fixMode(v.r as string | undefined);
     const quiet = v.q === true;
     const say = (s: string): void => {
-      if (!quiet) process.stdout.write(s);
+      if (!quiet) stdout(s);
     };
     const opener = v.U || v["force-share"] ? sharedFileOpener : fileOpener;
     const storage = await opener.open(file, { readOnly: fix === 0 });

@@ -4,6 +4,7 @@ import { fileOpener, openImageFile } from "../node.js";
 import { backingChain, commit, findBackingImage } from "../ops/commit.js";
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
+import { stdout } from "./output.js";
 import { Progress } from "./progress.js";
 import { parseSize } from "./size.js";
 
@@ -84,7 +85,7 @@ export const commitCommand: Command = {
       throw e;
     }
     progress.end();
-    if (!quiet) process.stdout.write("Image committed.\n");
+    if (!quiet) stdout("Image committed.\n");
     return 0;
   },
 };

@@ -12,11 +12,12 @@ import * as path from "node:path";
 import { fileURLToPath } from "node:url";
 import { QcowError } from "../errors.js";
 import { Qcow2Image } from "../image/qcow2.js";
-import { lazyBuiltin } from "../lazy-builtin.js";
 import { FileStorage } from "../io/file.js";
 import { combinePath } from "../io/storage.js";
+import { lazyBuiltin } from "../lazy-builtin.js";
 import type { Command } from "./commands.js";
 import { ExitError } from "./exit.js";
+import { stdout } from "./output.js";
 
 const http = lazyBuiltin<typeof Http>("node:http");
 
@@ -222,8 +223,8 @@ export const inspect: Command = {
       if (e instanceof ExitError || e instanceof QcowError) throw e;
       throw new ExitError(`Failed to listen: ${(e as Error).message}`);
     }
-    process.stdout.write(`qcowkit inspector: ${server.pageUrl()}\n`);
-    for (const f of p) process.stdout.write(`${f}: ${server.pageUrl(f)}\n`);
+    stdout(`qcowkit inspector: ${server.pageUrl()}\n`);
+    for (const f of p) stdout(`${f}: ${server.pageUrl(f)}\n`);
     await new Promise<void>((resolve) => {
       process.once("SIGINT", resolve);
       process.once("SIGTERM", resolve);

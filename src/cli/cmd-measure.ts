@@ -6,6 +6,7 @@ import { type MeasureInfo, type MeasureOptions, measure } from "../ops/measure.j
 import type { Command } from "./commands.js";
 import { parseOptionList } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
+import { stdout } from "./output.js";
 import { qdictKeys } from "./qobject.js";
 
 type Values = Parameters<Command["run"]>[0];
@@ -114,7 +115,7 @@ function printInfo(info: MeasureInfo, json: boolean): void {
   if (!json) {
     let out = `required size: ${info.required}\nfully allocated size: ${info.fullyAllocated}\n`;
     if (info.bitmaps !== undefined) out += `bitmaps size: ${info.bitmaps}\n`;
-    process.stdout.write(out);
+    stdout(out);
     return;
   }
   // BlockMeasureInfo as QEMU prints it, keys in QDict order (values may exceed 2^53).
@@ -124,7 +125,7 @@ function printInfo(info: MeasureInfo, json: boolean): void {
     bitmaps: info.bitmaps,
   };
   const keys = qdictKeys(fields as unknown as Record<string, number | undefined>);
-  process.stdout.write(`{\n${keys.map((k) => `    "${k}": ${fields[k]}`).join(",\n")}\n}\n`);
+  stdout(`{\n${keys.map((k) => `    "${k}": ${fields[k]}`).join(",\n")}\n}\n`);
 }
 
 /** -l snapshot.name=NAME, -l snapshot.id=ID, or -l ID_OR_NAME. */

@@ -5,6 +5,7 @@ import { type ResizePreallocation, resizeImage } from "../image/resize.js";
 import { openImageFile } from "../node.js";
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
+import { stdout } from "./output.js";
 
 const PREALLOCATION_MODES = ["off", "metadata", "falloc", "full"];
 
@@ -137,7 +138,7 @@ export const resize: Command = {
     } finally {
       await img.close();
     }
-    if (!v.q) process.stdout.write("Image resized.\n");
+    if (!v.q) stdout("Image resized.\n");
     return 0;
   },
 };

@@ -8,6 +8,7 @@ import { snapshotInfo } from "../ops/info.js";
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
 import { snapshotRow } from "./human.js";
+import { stdout } from "./output.js";
 
 /** qemu-img keeps a snapshot name in a 256-byte buffer (QEMUSnapshotInfo.name): 255 bytes. */
 const MAX_NAME_BYTES = 255;
@@ -98,7 +99,7 @@ export const snapshotCommand: Command = {
       if (act.kind === "list") {
         if (img.format === "qcow2" && img.snapshots.length > 0) {
           const rows = img.snapshots.map((s) => `${snapshotRow(snapshotInfo(s))}\n`);
-          process.stdout.write(`Snapshot list:\n${snapshotRow()}\n${rows.join("")}`);
+          stdout(`Snapshot list:\n${snapshotRow()}\n${rows.join("")}`);
         }
         return 0;
       }

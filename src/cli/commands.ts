@@ -25,6 +25,7 @@ import { snapshotCommand } from "./cmd-snapshot.js";
 import { createImage, parseOptionList, qcow2OptionsFrom } from "./create.js";
 import { ExitError, formatOption } from "./exit.js";
 import { humanInfo, humanMapEntry, humanMapHeader, jsonMapEntry } from "./human.js";
+import { stdout } from "./output.js";
 import { Progress } from "./progress.js";
 import { type QValue, toQemuJson } from "./qobject.js";
 import { parseSize } from "./size.js";
@@ -114,9 +115,9 @@ const info: Command = {
     }
     if (json) {
       const value = (v["backing-chain"] ? infos : infos[0]) as unknown as QValue;
-      process.stdout.write(`${toQemuJson(value)}\n`);
+      stdout(`${toQemuJson(value)}\n`);
     } else {
-      process.stdout.write(infos.map(humanInfo).join("\n"));
+      stdout(infos.map(humanInfo).join("\n"));
     }
     return 0;
   },
@@ -148,7 +149,7 @@ const map: Command = {
       const out: string[] = [];
       const write = (s: string): void => {
         out.push(s);
-        if (out.length >= 256) process.stdout.write(out.splice(0).join(""));
+        if (out.length >= 256) stdout(out.splice(0).join(""));
       };
       write(json ? "[" : humanMapHeader());
       let first = true;
@@ -165,7 +166,7 @@ const map: Command = {
         }
         if (json) write("]\n");
       } finally {
-        process.stdout.write(out.join(""));
+        stdout(out.join(""));
       }
     } finally {
       await img.close();
@@ -336,7 +337,7 @@ const compare: Command = {
     try {
       const r = await compareImages(a, b, { strict: Boolean(v.s), onProgress: (f) => progress.update(f) });
       progress.end();
-      if (!quiet) process.stdout.write(r.messages.map((m) => `${m}\n`).join(""));
+      if (!quiet) stdout(r.messages.map((m) => `${m}\n`).join(""));
       return r.identical ? 0 : 1;
     } catch (e) {
       throw new ExitError((e as Error).message, 4);

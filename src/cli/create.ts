@@ -7,6 +7,7 @@ import { FileStorage } from "../io/file.js";
 import { combinePath, openImageFile } from "../node.js";
 import { type Preallocation, type Qcow2CreateOptions, validateCreateOptions, writeEmptyQcow2 } from "../ops/create.js";
 import { formatOption } from "./exit.js";
+import { stdout } from "./output.js";
 import { parseSize } from "./size.js";
 
 /** Splits qemu's `-o a=b,c=d` (",," is a literal comma) into ordered pairs. */
@@ -168,7 +169,7 @@ export async function createImage(a: CreateArgs): Promise<void> {
   } catch (e) {
     throw named(e);
   }
-  if (!a.quiet) process.stdout.write(`${formattingLine(a.file, a.format, o, opts)}\n`);
+  if (!a.quiet) stdout(`${formattingLine(a.file, a.format, o, opts)}\n`);
   // Both drivers round the size up to whole 512-byte sectors.
   const size = Math.ceil(opts.size / 512) * 512;
   try {

@@ -3,21 +3,22 @@ import { parseArgs } from "node:util";
 import { QcowError } from "../errors.js";
 import { commands, usage } from "./commands.js";
 import { ExitError } from "./exit.js";
+import { stdout } from "./output.js";
 
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
   if (name === undefined || name === "-h" || name === "--help" || name === "help") {
-    process.stdout.write(usage());
+    stdout(usage());
     return name === undefined ? 1 : 0;
   }
   if (name === "-V" || name === "--version") {
-    process.stdout.write("qcowkit version 0.1.0\n");
+    stdout("qcowkit version 0.1.0\n");
     return 0;
   }
   const cmd = commands.find((c) => c.name === name);
   if (!cmd) throw new ExitError(`Command not found: ${name}`);
   if (rest.includes("-h") || rest.includes("--help")) {
-    process.stdout.write(`usage: ${cmd.synopsis}\n\n${cmd.help}\n`);
+    stdout(`usage: ${cmd.synopsis}\n\n${cmd.help}\n`);
     return 0;
   }
   const operands = cmd.takeOperands?.(rest) ?? [];

@@ -38,11 +38,4 @@ const out = process.env.QCOWKIT_CODE_CACHE_OUT;
 if (out) process.on("exit", () => writeFileSync(out, script.createCachedData()));
 
 const mod = { exports: {} };
-script.runInThisContext()(
-  mod.exports,
-  createRequire(bundle),
-  mod,
-  bundle,
-  __dirname,
-  pathToFileURL(bundle).href,
-);
+script.runInThisContext()(mod.exports, createRequire(bundle), mod, bundle, __dirname, pathToFileURL(bundle).href);

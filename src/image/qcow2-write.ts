@@ -268,7 +268,15 @@ export class Qcow2Writer {
     return true;
   }
 
-  private putEntry(table: DataView, l2Offset: number, gc: number, hi: number, lo: number, alloc: number, zero: number): void {
+  private putEntry(
+    table: DataView,
+    l2Offset: number,
+    gc: number,
+    hi: number,
+    lo: number,
+    alloc: number,
+    zero: number,
+  ): void {
     const img = this.img;
     const at = (gc % img.l2Entries) * img.l2EntryBytes;
     table.setUint32(at, hi);

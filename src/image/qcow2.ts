@@ -359,7 +359,10 @@ export class Qcow2Image implements BlockDevice {
       const c = Math.floor(pos / cs);
       // Empty entries (unallocated, bitmap clear) are most of a sparse image's tables: a run of
       // them is taken without decoding each one.
-      if ((run === undefined || run.type === SubclusterType.UnallocatedPlain) && this.emptyAt(table, c % this.l2Entries)) {
+      if (
+        (run === undefined || run.type === SubclusterType.UnallocatedPlain) &&
+        this.emptyAt(table, c % this.l2Entries)
+      ) {
         run ??= { type: SubclusterType.UnallocatedPlain, length: 0 };
         const stepEnd = Math.min((c + 1) * cs, limit);
         run.length += stepEnd - pos;

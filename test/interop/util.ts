@@ -222,7 +222,12 @@ export async function dirtyMap(image: string, name: string): Promise<string> {
     }
     throw new Error(`qemu-nbd did not serve ${image}`);
   } finally {
-    server.kill();
+    // Until it has exited it holds its lock on the image: the next step may want to write.
+    const exited = new Promise((res) => server.once("exit", res));
+    if (server.exitCode === null && server.signalCode === null) {
+      server.kill();
+      await exited;
+    }
   }
 }
 

@@ -38,7 +38,11 @@ test("launcher: every short subcommand has a code cache that this Node takes", (
     const file = path.join(CLI_DIR, "code-cache", `${cmd}.bin`);
     assert.ok(existsSync(file) && statSync(file).size > 10_000, `${file} is missing or empty`);
   }
-  for (const args of [["info", image], ["check", image], ["map", "--output", "json", image]]) {
+  for (const args of [
+    ["info", image],
+    ["check", image],
+    ["map", "--output", "json", image],
+  ]) {
     const r = run(QCOWKIT_MAIN, args);
     assert.equal(r.status, 0, r.stderr);
     assert.doesNotMatch(r.stderr, /code cache/, `${args[0]}: ${r.stderr}`);
