@@ -9,9 +9,7 @@ import path from "node:path";
 import { test } from "node:test";
 import { fileURLToPath, pathToFileURL } from "node:url";
 
-const OUTPUT = pathToFileURL(
-  path.join(path.dirname(fileURLToPath(import.meta.url)), "../../src/cli/output.js"),
-).href;
+const OUTPUT = pathToFileURL(path.join(path.dirname(fileURLToPath(import.meta.url)), "../../src/cli/output.js")).href;
 
 function writer(count: number, size: number): string {
   return `import(${JSON.stringify(OUTPUT)}).then((m) => { for (let i = 0; i < ${count}; i++) m.stdout(String(i % 10).repeat(${size}) + "\\n"); process.stderr.write("all written\\n"); });`;
