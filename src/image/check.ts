@@ -44,7 +44,6 @@ import type { Storage } from "../io/storage.js";
 import { checkSnapshotTable, rewriteSnapshotTable, type SnapshotTableCheck } from "./check-snapshots.js";
 import { type MetadataLayout, overlappingMetadata } from "./overlap.js";
 import { Qcow2Image, readBitmapDirectory } from "./qcow2.js";
-import { isZero } from "./zero.js";
 
 /** What a check may repair (QEMU's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS). */
 export const FIX_LEAKS = 1;
@@ -223,23 +222,6 @@ class OnDiskRefcounts {
   }
 }
 
-/** Entries per step when skipping the empty parts of an L2 table. */
-const EMPTY_RUN = 64;
-
-/**
- * The first entry at or after `i` that is not all zeros, stepping over whole runs of
- * EMPTY_RUN empty entries with one memcmp each: an empty entry changes nothing in either walk
- * over L2 tables, and a sparse image's tables are mostly empty (the 4 TiB image: 128 tables
- * of 8192 entries, one cluster used in each).
- */
-function skipEmpty(table: Uint8Array, i: number, count: number, entryBytes: number): number {
-  while (i % EMPTY_RUN === 0 && i + EMPTY_RUN <= count) {
-    if (!isZero(table.subarray(i * entryBytes, (i + EMPTY_RUN) * entryBytes))) break;
-    i += EMPTY_RUN;
-  }
-  return i;
-}
-
 const CHECK_FRAG_INFO = 1;
 const PREFETCH = 16;
 
@@ -352,8 +334,6 @@ class Checker {
     let nextContiguous = 0;
     const res = this.res;
     for (let i = 0; i < this.l2Entries; i++) {
-      i = skipEmpty(table, i, this.l2Entries, this.entryBytes);
-      if (i >= this.l2Entries) break;
       const at = i * this.entryBytes;
       let hi = dv.getUint32(at);
       const lo = dv.getUint32(at + 4);
@@ -722,8 +702,6 @@ class Checker {
       const dv = view(table);
       let dirty = false;
       for (let j = 0; j < this.l2Entries; j++) {
-        j = skipEmpty(table, j, this.l2Entries, this.entryBytes);
-        if (j >= this.l2Entries) break;
         const at = j * this.entryBytes;
         const ehi = dv.getUint32(at);
         const elo = dv.getUint32(at + 4);
