@@ -1,5 +1,5 @@
 /** Storage on a local file, with positional reads and writes on one file handle (Node only). */
-import { read as fsRead, write as fsWrite } from "node:fs";
+import { read as fsRead, write as fsWrite, writeSync } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { createRequire } from "node:module";
 import { QcowError } from "../errors.js";
@@ -57,6 +57,17 @@ const readCached = native.readCached;
  * reports what matters (ENOSPC), and block devices and some file systems have no fallocate.
  */
 const ALLOCATE_MIN = 64 * 1024;
+
+/**
+ * Writes up to this size are made on the calling thread. A buffered pwrite of a few KiB copies
+ * into the page cache in microseconds, less than handing it to libuv's thread pool and back,
+ * where each hand-off also wakes a thread that takes the CPU from the event loop: fio's 4 KiB
+ * random writes through `serve` took 1.35 s this way against 1.75 s through the pool (qemu-nbd:
+ * 1.40 s). Larger writes (convert's 2 MiB) stay on the pool, where their copies run beside the
+ * event loop's work. The price: while the kernel throttles a writer (too much dirty data), the
+ * event loop waits with it.
+ */
+const SYNC_WRITE_MAX = 64 * 1024;
 const allocate = native.allocate;
 
 /**
@@ -204,6 +215,10 @@ export class FileStorage implements Storage {
     if (allocate && src.length >= ALLOCATE_MIN) allocate(this.fh.fd, offset, src.length);
     let done = 0;
     try {
+      if (src.length <= SYNC_WRITE_MAX) {
+        while (done < src.length) done += writeSync(this.fh.fd, src, done, src.length - done, offset + done);
+        return;
+      }
       while (done < src.length) {
         done += await new Promise<number>((resolve, reject) =>
           fsWrite(this.fh.fd, src, done, src.length - done, offset + done, (e, bytes) =>

@@ -9,6 +9,7 @@ import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
+import { QcowError } from "../../src/errors.js";
 import { FileStorage } from "../../src/io/file.js";
 import { noise } from "./build-image.js";
 
@@ -85,4 +86,42 @@ test("FileStorage: large writes into a sparse file keep the other holes and the 
   expected.set(small, 12 * MiB);
   expected.set(b, 20 * MiB);
   assert.ok(Buffer.compare(content, expected) === 0, "file content");
+});
+
+test("FileStorage: writes of every size, on the calling thread (up to 64 KiB) or the pool, land whole", async () => {
+  const file = path.join(dir, "writes.bin");
+  const s = await FileStorage.open(file, { readOnly: false, create: true, locking: "none" });
+  const expected = new Uint8Array(3 * 1024 * 1024);
+  try {
+    let at = 0;
+    let seed = 10;
+    // Sizes around the 64 KiB line, at odd offsets, some overwriting what came before.
+    for (const length of [1, 511, 4096, 65535, 65536, 65537, 200_000, 1_000_000]) {
+      const data = noise(length, seed++);
+      await s.write(data, at);
+      expected.set(data, at);
+      at += Math.floor(length / 2) + 7;
+    }
+    // Many small writes in flight at once: each is whole, the last one to a place wins.
+    const burst = Array.from({ length: 64 }, (_, i) => noise(4096, 100 + i));
+    await Promise.all(burst.map((d, i) => s.write(d, (i % 16) * 4096 + 123)));
+    for (let i = 48; i < 64; i++) expected.set(burst[i], (i % 16) * 4096 + 123);
+  } finally {
+    await s.close();
+  }
+  const content = readFileSync(file);
+  assert.ok(Buffer.compare(content, expected.subarray(0, content.length)) === 0, "file content");
+});
+
+test("FileStorage: a failed small write is reported with the file and offset, not thrown from the call", async () => {
+  const file = path.join(dir, "closed.bin");
+  writeFileSync(file, new Uint8Array(8192));
+  const s = await FileStorage.open(file, { readOnly: false, locking: "none" });
+  await s.close();
+  // Writing through a closed descriptor: EBADF, from the small (calling-thread) path and the pool.
+  for (const length of [4096, 128 * 1024]) {
+    const p = s.write(new Uint8Array(length), 4096);
+    assert.ok(p instanceof Promise);
+    await assert.rejects(p, (e: unknown) => e instanceof QcowError && /closed\.bin' at offset 4096/.test(e.message));
+  }
 });
