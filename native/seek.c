@@ -80,6 +80,15 @@ static napi_value Lock(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* A Uint8Array argument's bytes: false (nothing set) when `value` is not one. */
+static bool get_bytes(napi_env env, napi_value value, void **data, size_t *length) {
+  bool is_typedarray = false;
+  napi_typedarray_type type;
+  return napi_is_typedarray(env, value, &is_typedarray) == napi_ok && is_typedarray &&
+         napi_get_typedarray_info(env, value, &type, length, data, NULL, NULL) == napi_ok &&
+         type == napi_uint8_array;
+}
+
 /*
  * readCached(fd, view, offset) -> bytes read from the page cache into the Uint8Array `view`
  * (fewer than asked when only part is cached; 0 at the end of the file), or -1 when nothing
@@ -91,16 +100,12 @@ static napi_value ReadCached(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   int32_t fd;
   double offset;
-  napi_typedarray_type type;
   size_t length;
   void *data;
   napi_value result;
-  bool is_typedarray = false;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
-      napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_is_typedarray(env, argv[1], &is_typedarray) != napi_ok || !is_typedarray ||
-      napi_get_typedarray_info(env, argv[1], &type, &length, &data, NULL, NULL) != napi_ok ||
-      type != napi_uint8_array || napi_get_value_double(env, argv[2], &offset) != napi_ok) {
+      napi_get_value_int32(env, argv[0], &fd) != napi_ok || !get_bytes(env, argv[1], &data, &length) ||
+      napi_get_value_double(env, argv[2], &offset) != napi_ok) {
     napi_throw_type_error(env, NULL, "readCached(fd, Uint8Array, offset)");
     return NULL;
   }
@@ -149,15 +154,11 @@ static napi_value Allocate(napi_env env, napi_callback_info info) {
 static napi_value PageOffset(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
-  napi_typedarray_type type;
   size_t length;
   void *data;
   napi_value result;
-  bool is_typedarray = false;
   if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 1 ||
-      napi_is_typedarray(env, argv[0], &is_typedarray) != napi_ok || !is_typedarray ||
-      napi_get_typedarray_info(env, argv[0], &type, &length, &data, NULL, NULL) != napi_ok ||
-      type != napi_uint8_array) {
+      !get_bytes(env, argv[0], &data, &length)) {
     napi_throw_type_error(env, NULL, "pageOffset(Uint8Array)");
     return NULL;
   }

@@ -152,7 +152,7 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
   let done = 0;
   const advance = (n: number): void => {
     done += n;
-    opts.onProgress?.(total === 0 ? 1 : Math.min(1, done / total));
+    opts.onProgress?.(total === 0 ? 1 : done / total);
   };
   // Without -W, a chunk's writes start only once the previous chunk's writes are done (the
   // place in line is taken when the chunk is dispatched, in guest order), as qemu-img does: a
@@ -169,7 +169,8 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     return { run: (write) => previous.then(write), release: () => done() };
   };
 
-  const copyChunk = async (dst: number, length: number): Promise<void> => {
+  /** Copies [dst, dst+length); `counted` of it is progress (the rest belongs to other ranges). */
+  const copyChunk = async (dst: number, length: number, counted: number): Promise<void> => {
     const slot = takeSlot();
     const buf = (buffers.pop() ?? ioBuffer(CONVERT_CHUNK)).subarray(0, length);
     try {
@@ -194,10 +195,11 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
       slot.release();
       buffers.push(new Uint8Array(buf.buffer, buf.byteOffset, CONVERT_CHUNK));
     }
-    advance(length);
+    advance(counted);
   };
 
-  // Data is copied in chunks aligned in the target (to whole clusters when compressing).
+  // Data is copied in chunks aligned in the target (to whole clusters), so a chunk may reach into
+  // the ranges before and after its own; each range counts its own bytes once for progress.
   let copiedTo = 0;
   for await (const r of targetRanges(sources, opts.topLayerOnly ?? false)) {
     if (r.zero) {
@@ -209,12 +211,16 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
       advance(r.length);
       continue;
     }
+    const rangeEnd = r.start + r.length;
     let at = Math.max(Math.floor(r.start / cs) * cs, copiedTo);
-    const end = Math.min(total, Math.ceil((r.start + r.length) / cs) * cs);
+    const end = Math.min(total, Math.ceil(rangeEnd / cs) * cs);
+    // The part the previous range's last chunk already copied.
+    if (copiedTo > r.start) advance(Math.min(copiedTo, rangeEnd) - r.start);
     while (at < end) {
       const n = Math.min(CONVERT_CHUNK - (at % CONVERT_CHUNK), end - at);
       const from = at;
-      await pool.add(() => copyChunk(from, n));
+      const counted = Math.max(0, Math.min(from + n, rangeEnd) - Math.max(from, r.start));
+      await pool.add(() => copyChunk(from, n, counted));
       at += n;
     }
     copiedTo = Math.max(copiedTo, end);

@@ -13,6 +13,7 @@ import { Qcow2Image } from "../../src/image/qcow2.js";
 import { RawImage } from "../../src/image/raw.js";
 import { MemoryStorage } from "../../src/io/memory.js";
 import { convert } from "../../src/ops/convert.js";
+import { writeEmptyQcow2 } from "../../src/ops/create.js";
 import { buildImage, MapOpener, noise, pattern, readAll, TracingStorage } from "./build-image.js";
 
 const CS = 4096;
@@ -168,6 +169,25 @@ test("convert: progress ends at 1", async () => {
   await convert([src], dev, { targetZeroed: true, onProgress: (f) => seen.push(f) });
   assert.equal(seen[seen.length - 1], 1);
   assert.ok(seen.every((f) => f >= 0 && f <= 1));
+});
+
+test("convert: into 64 KiB clusters, chunks that reach into the ranges around them count once", async () => {
+  // The source's extents start and end inside the target's clusters: chunks are widened to
+  // whole clusters, and progress must still add up to exactly the whole disk.
+  const src = await openSource();
+  const mem = new MemoryStorage(new Uint8Array(0));
+  await writeEmptyQcow2(mem, { size: src.size, clusterSize: 65536 });
+  const dst = await Qcow2Image.open(mem, { readOnly: false, codecs: nodeCodecs });
+  const seen: number[] = [];
+  await convert([src], dst, { targetZeroed: true, onProgress: (f) => seen.push(f) });
+  await dst.close();
+  assert.ok(
+    seen.every((f, i) => f >= 0 && f <= 1 && (i === 0 || f >= seen[i - 1])),
+    seen.join(" "),
+  );
+  assert.equal(seen[seen.length - 1], 1);
+  const back = await Qcow2Image.open(new MemoryStorage(mem.bytes()), { codecs: nodeCodecs });
+  assert.deepEqual(await readAll(back), await readAll(await openSource()));
 });
 
 test("convert: a read error in a source fails the convert with that error", async () => {
