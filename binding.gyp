@@ -4,6 +4,11 @@
       "target_name": "qcowkit_seek",
       "sources": ["native/seek.c"],
       "cflags": ["-O2", "-Wall"]
+    },
+    {
+      "target_name": "qcowkit_zlib",
+      "sources": ["native/zlib.c"],
+      "cflags": ["-O2", "-Wall"]
     }
   ]
 }

@@ -1,7 +1,7 @@
 /** The subcommands: each parses qemu-img's flags and prints qemu-img's output. */
 import { rm } from "node:fs/promises";
 import type { ParseArgsConfig } from "node:util";
-import { CompressionPool } from "../codec/pool.js";
+import { ClusterCompressor } from "../codec/compressor.js";
 import { invalidArgument } from "../errors.js";
 import type { Image, ImageFormat } from "../image/open.js";
 import { RawImage } from "../image/raw.js";
@@ -252,7 +252,7 @@ const convertCmd: Command = {
     const sources = await openSources(p.slice(0, -1), formatOption(str(v, "f")), snapshotOption(v), forceShare(v));
     const progress = new Progress(Boolean(v.p) && !v.q);
     let out: Image | undefined;
-    let compressor: CompressionPool | undefined;
+    let compressor: ClusterCompressor | undefined;
     const created = !v.n;
     try {
       const total = sources.reduce((n, s) => n + s.size, 0);
@@ -278,7 +278,7 @@ const convertCmd: Command = {
           await out.writer?.preallocate(opts.preallocation !== "metadata");
       }
       if (v.c && out.format === "qcow2") {
-        compressor = new CompressionPool(out.header.compressionType === 1 ? "zstd" : "zlib");
+        compressor = new ClusterCompressor(out.header.compressionType === 1 ? "zstd" : "zlib");
       }
       const targetZeroed = created && !(out.format === "qcow2" && out.backing);
       await convert(sources, out, {
@@ -298,7 +298,6 @@ const convertCmd: Command = {
       if (created) await rm(target, { force: true }).catch(() => {});
       throw e;
     } finally {
-      await compressor?.close();
       await Promise.all(sources.map((s) => s.close()));
     }
     progress.end();

@@ -1,4 +1,7 @@
-/** Node codecs: zlib from Node itself, zstd from zstd-napi (native libzstd). */
+/**
+ * Node codecs: zlib from Node itself (through the addon native/zlib.c where it is built, else
+ * Node's zlib module), zstd from zstd-napi (native libzstd).
+ */
 
 import { createRequire } from "node:module";
 import type * as Zlib from "node:zlib";
@@ -9,9 +12,34 @@ import type { Codec, Codecs } from "./codec.js";
 
 const zlib = lazyBuiltin<typeof Zlib>("node:zlib");
 
+/** The addon's zlib functions (native/zlib.c), with the zlib Node carries. */
+export interface NativeZlib {
+  /** Raw deflate of src into dst with QEMU's parameters: the length, 0 when it does not fit. */
+  deflate(src: Uint8Array, dst: Uint8Array): number;
+  /** Raw inflate of src into dst until dst is full or the stream ends: bytes written, -1 if not deflate. */
+  inflate(src: Uint8Array, dst: Uint8Array): number;
+  /** Each whole cluster of src deflated on the thread pool, results back to back in out. */
+  deflateClusters(src: Uint8Array, clusterSize: number, out: Uint8Array, sizes: Int32Array): Promise<void>;
+}
+
+/** Undefined where the addon is not built, or this Node does not export zlib to addons. */
+export const nativeZlib: NativeZlib | undefined = (() => {
+  try {
+    return createRequire(import.meta.url)("../../../build/Release/qcowkit_zlib.node") as NativeZlib;
+  } catch {
+    return undefined;
+  }
+})();
+
 export const nodeZlib: Codec = {
   name: "zlib",
   async decompress(src, dst) {
+    if (nativeZlib) {
+      const n = nativeZlib.inflate(src, dst);
+      if (n < 0) throw corrupt("Compressed cluster does not inflate: invalid deflate data");
+      if (n < dst.length) throw corrupt(`Compressed cluster inflates to ${n} bytes, expected ${dst.length}`);
+      return;
+    }
     let out: Buffer;
     try {
       // Z_SYNC_FLUSH: a stream cut at the end of its last sector still yields what it holds.
@@ -76,9 +104,24 @@ export const nodeZstd: Codec = {
  * Undefined when the result would not be smaller than the cluster (QEMU then stores it plain).
  */
 export function compressZlib(src: Uint8Array): Uint8Array | undefined {
+  if (src.length === 0) return undefined;
+  if (nativeZlib) {
+    const out = new Uint8Array(src.length - 1);
+    const n = nativeZlib.deflate(src, out);
+    return n > 0 ? out.slice(0, n) : undefined;
+  }
   const z = zlib();
   const out = z.deflateRawSync(src, { windowBits: 12, memLevel: 9, level: z.constants.Z_DEFAULT_COMPRESSION });
   return out.length < src.length ? out : undefined;
+}
+
+/** Deflate (as compressZlib) into `dst`: the compressed length, or 0 when it does not fit. */
+export function compressZlibInto(src: Uint8Array, dst: Uint8Array): number {
+  if (nativeZlib) return nativeZlib.deflate(src, dst);
+  const out = compressZlib(src);
+  if (!out || out.length > dst.length) return 0;
+  dst.set(out);
+  return out.length;
 }
 
 let cctx: ZstdBinding.CCtx | undefined;
@@ -92,6 +135,21 @@ export function compressZstd(src: Uint8Array): Uint8Array | undefined {
   if (!zstdOut || zstdOut.length < bound) zstdOut = new Uint8Array(bound);
   const n = cctx.compress(zstdOut, src, 3);
   return n < src.length ? zstdOut.slice(0, n) : undefined;
+}
+
+/**
+ * zstd at level 3 into `dst`: the compressed length, or 0 when it does not fit (then the
+ * cluster does not shrink enough to be stored compressed).
+ */
+export function compressZstdInto(src: Uint8Array, dst: Uint8Array): number {
+  const zstd = zstdBinding();
+  cctx ??= new zstd.CCtx();
+  try {
+    return cctx.compress(dst, src, 3);
+  } catch (e) {
+    if ((e as Error).message === "Destination buffer is too small") return 0;
+    throw e;
+  }
 }
 
 export const nodeCodecs: Codecs = { zlib: nodeZlib, zstd: nodeZstd };
