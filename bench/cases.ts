@@ -197,6 +197,13 @@ export function compareCases(env: CaseEnv): CompareCase[] {
       qemu: () => ({ cmd: qemuImg("check", p("qcow2")) }),
     },
     {
+      // Many clusters: the same disk with 4 KiB clusters, ~265k data clusters in ~500 L2 tables.
+      name: "check qcow2, 4 KiB clusters (265k clusters)",
+      inputs: ["qcow2-4k"],
+      qcowkit: () => ({ cmd: qcowkit("check", p("qcow2-4k")) }),
+      qemu: () => ({ cmd: qemuImg("check", p("qcow2-4k")) }),
+    },
+    {
       name: "check 4 TiB sparse qcow2",
       inputs: ["big"],
       qcowkit: () => ({ cmd: qcowkit("check", p("big")) }),

@@ -3,6 +3,7 @@
 //   disk.raw         2 GiB raw disk: ext4 holding ~0.9 GiB of real files copied from this machine's /usr
 //   head.raw         its first 256 MiB (almost all data), for the slow cases: compression
 //   disk.qcow2       qemu-img convert -O qcow2 of disk.raw
+//   disk-4k.qcow2    the same with 4 KiB clusters: ~265k data clusters, for check
 //   disk-zstd.qcow2  the same, compressed (-c, compression_type=zstd)
 //   disk-zlib.qcow2  the same, compressed (-c, compression_type=zlib)
 //   big.qcow2        4 TiB, nearly empty: a few 1 MiB writes spread across it
@@ -32,12 +33,13 @@ import {
 } from "node:fs";
 import { join } from "node:path";
 
-export type InputName = "raw" | "head" | "qcow2" | "zstd" | "zlib" | "big" | "small";
+export type InputName = "raw" | "head" | "qcow2" | "qcow2-4k" | "zstd" | "zlib" | "big" | "small";
 
 const FILES: Record<InputName, string> = {
   raw: "disk.raw",
   head: "head.raw",
   qcow2: "disk.qcow2",
+  "qcow2-4k": "disk-4k.qcow2",
   zstd: "disk-zstd.qcow2",
   zlib: "disk-zlib.qcow2",
   big: "big.qcow2",
@@ -168,6 +170,9 @@ export class DataSet {
         break;
       case "qcow2":
         sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", this.ensure("raw"), tmp]);
+        break;
+      case "qcow2-4k":
+        sh(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4096", this.ensure("raw"), tmp]);
         break;
       case "zstd":
       case "zlib":

@@ -15,9 +15,9 @@ function offsetField(hi: number, lo: number): number {
   return (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
 }
 
-function checkOffset(offset: number, what: string): number {
-  if (offset > Number.MAX_SAFE_INTEGER) throw corrupt(`${what}: offset ${hex(offset)} is beyond 2^53`);
-  return offset;
+/** An offset past 2^53 (JavaScript numbers are exact up to there): `what` names the entry. */
+function beyond53(offset: number, what: string): Error {
+  return corrupt(`${what}: offset ${hex(offset)} is beyond 2^53`);
 }
 
 /** An L1 entry: the offset of an L2 table (0: none) and whether its refcount is exactly one. */
@@ -30,7 +30,9 @@ export function decodeL1Entry(hi: number, lo: number, clusterSize: number, index
   if ((lo & 0x1ff) !== 0 || (hi & 0x7f00_0000) !== 0) {
     throw corrupt(`L1 entry ${index} has reserved bits set (0x${hi.toString(16)}${lo.toString(16).padStart(8, "0")})`);
   }
-  const l2Offset = checkOffset(offsetField(hi, lo), `L1 entry ${index}`);
+  // Checked inline: an entry's name is only built for the error (a string per entry costs).
+  const l2Offset = offsetField(hi, lo);
+  if (l2Offset > Number.MAX_SAFE_INTEGER) throw beyond53(l2Offset, `L1 entry ${index}`);
   if (l2Offset % clusterSize !== 0) {
     throw corrupt(`L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${qemuHex(index)})`);
   }
@@ -120,7 +122,7 @@ export function decodeL2Entry(
     );
   }
   const hostOffset = offsetField(hi, lo);
-  if (hostOffset > Number.MAX_SAFE_INTEGER) checkOffset(hostOffset, where());
+  if (hostOffset > Number.MAX_SAFE_INTEGER) throw beyond53(hostOffset, where());
   if (hostOffset % clusterSize !== 0) {
     throw corrupt(`Cluster allocation offset ${hex(hostOffset)} unaligned (${where()})`);
   }
@@ -213,7 +215,8 @@ export function encodeStandardL2(hostOffset: number, copied: boolean, zero: bool
 /** A refcount table entry: the offset of a refcount block, 0 when none is allocated. */
 export function decodeRefcountTableEntry(hi: number, lo: number, clusterSize: number, index: number): number {
   if ((lo & 0x1ff) !== 0) throw corrupt(`Refcount table entry ${index} has reserved bits set`);
-  const offset = checkOffset(hi * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0), `Refcount table entry ${index}`);
+  const offset = hi * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
+  if (offset > Number.MAX_SAFE_INTEGER) throw beyond53(offset, `Refcount table entry ${index}`);
   if (offset % clusterSize !== 0)
     throw corrupt(`Refcount block offset ${hex(offset)} unaligned (reftable index: ${qemuHex(index)})`);
   return offset;

@@ -154,11 +154,11 @@ export class Qcow2Image implements BlockDevice {
     this.dataFile = opts.dataFile;
     this.readOnly = opts.readOnly ?? true;
     this.clusterBits = h.clusterBits;
-    this.clusterSize = 2 ** h.clusterBits;
+    this.clusterSize = 1 << h.clusterBits; // a small integer for V8 (`2 **` gives a heap number)
     const extendedL2 = (h.incompatibleFeatures & INCOMPAT_EXTL2) !== 0n;
     this.l2EntryBytes = extendedL2 ? 16 : 8;
-    this.l2Entries = this.clusterSize / this.l2EntryBytes;
-    this.subclusterSize = extendedL2 ? this.clusterSize / 32 : this.clusterSize;
+    this.l2Entries = this.clusterSize >>> (extendedL2 ? 4 : 3);
+    this.subclusterSize = extendedL2 ? this.clusterSize >>> 5 : this.clusterSize;
     this.geometry = {
       clusterBits: h.clusterBits,
       extendedL2,

@@ -45,9 +45,9 @@ export class Refcounts {
     table: Float64Array,
     cacheBytes: number,
   ) {
-    this.clusterSize = 2 ** h.clusterBits;
+    this.clusterSize = 1 << h.clusterBits; // a small integer for V8 (`2 **` gives a heap number)
     this.order = h.refcountOrder;
-    this.blockEntries = (this.clusterSize * 8) / 2 ** h.refcountOrder;
+    this.blockEntries = (this.clusterSize * 8) >>> h.refcountOrder;
     this.tableOffset = h.refcountTableOffset;
     this.tableClusters = h.refcountTableClusters;
     this.table = table;
