@@ -27,8 +27,20 @@ export interface L1Entry {
 }
 
 export function decodeL1Entry(hi: number, lo: number, clusterSize: number, index: number): L1Entry {
+  return { l2Offset: l1EntryOffset(hi, lo, clusterSize, index), copied: (hi & OFLAG_COPIED_HI) !== 0 };
+}
+
+/**
+ * The L2 table offset of an L1 entry (0: none), checked as decodeL1Entry checks it; the halves may
+ * be signed (DataView.getInt32) or unsigned. For loops over whole tables: no object per entry,
+ * and an entry of zeros costs two tests.
+ */
+export function l1EntryOffset(hi: number, lo: number, clusterSize: number, index: number): number {
+  if ((hi | lo) === 0) return 0;
   if ((lo & 0x1ff) !== 0 || (hi & 0x7f00_0000) !== 0) {
-    throw corrupt(`L1 entry ${index} has reserved bits set (0x${hi.toString(16)}${lo.toString(16).padStart(8, "0")})`);
+    throw corrupt(
+      `L1 entry ${index} has reserved bits set (0x${(hi >>> 0).toString(16)}${(lo >>> 0).toString(16).padStart(8, "0")})`,
+    );
   }
   // Checked inline: an entry's name is only built for the error (a string per entry costs).
   const l2Offset = offsetField(hi, lo);
@@ -36,7 +48,7 @@ export function decodeL1Entry(hi: number, lo: number, clusterSize: number, index
   if (l2Offset % clusterSize !== 0) {
     throw corrupt(`L2 table offset ${hex(l2Offset)} unaligned (L1 index: ${qemuHex(index)})`);
   }
-  return { l2Offset, copied: (hi & OFLAG_COPIED_HI) !== 0 };
+  return l2Offset;
 }
 
 export function encodeL1Entry(e: L1Entry): [number, number] {
@@ -214,8 +226,9 @@ export function encodeStandardL2(hostOffset: number, copied: boolean, zero: bool
 
 /** A refcount table entry: the offset of a refcount block, 0 when none is allocated. */
 export function decodeRefcountTableEntry(hi: number, lo: number, clusterSize: number, index: number): number {
+  if ((hi | lo) === 0) return 0;
   if ((lo & 0x1ff) !== 0) throw corrupt(`Refcount table entry ${index} has reserved bits set`);
-  const offset = hi * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
+  const offset = (hi >>> 0) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
   if (offset > Number.MAX_SAFE_INTEGER) throw beyond53(offset, `Refcount table entry ${index}`);
   if (offset % clusterSize !== 0)
     throw corrupt(`Refcount block offset ${hex(offset)} unaligned (reftable index: ${qemuHex(index)})`);

@@ -33,10 +33,10 @@ import {
 } from "../format/snapshot.js";
 import {
   ClusterType,
-  decodeL1Entry,
   decodeL2Entry,
   type L2Entry,
   type L2Geometry,
+  l1EntryOffset,
   SubclusterType,
   subclusterType,
 } from "../format/tables.js";
@@ -320,13 +320,6 @@ export class Qcow2Image implements BlockDevice {
     );
   }
 
-  /** Whether L2 entry `i` is all zeros: an unallocated cluster with no subcluster bits. */
-  private emptyAt(table: DataView, i: number): boolean {
-    const at = i * this.l2EntryBytes;
-    if (table.getUint32(at) !== 0 || table.getUint32(at + 4) !== 0) return false;
-    return this.l2EntryBytes === 8 || (table.getUint32(at + 8) === 0 && table.getUint32(at + 12) === 0);
-  }
-
   /**
    * The status of the guest range starting at `offset`: one run of subclusters that share a
    * type (and, where they have one, contiguous host offsets), limited to `maxLength` and to one
@@ -358,16 +351,18 @@ export class Qcow2Image implements BlockDevice {
     while (pos < limit) {
       const c = Math.floor(pos / cs);
       // Empty entries (unallocated, bitmap clear) are most of a sparse image's tables: a run of
-      // them is taken without decoding each one.
-      if (
-        (run === undefined || run.type === SubclusterType.UnallocatedPlain) &&
-        this.emptyAt(table, c % this.l2Entries)
-      ) {
-        run ??= { type: SubclusterType.UnallocatedPlain, length: 0 };
-        const stepEnd = Math.min((c + 1) * cs, limit);
-        run.length += stepEnd - pos;
-        pos = stepEnd;
-        continue;
+      // them is taken in one step, found by a loop over entry indices.
+      if (run === undefined || run.type === SubclusterType.UnallocatedPlain) {
+        const tableStart = tableEnd - this.l2Entries * cs;
+        const i = c - l1Index * this.l2Entries;
+        const j = emptyRunEnd(table, i, Math.ceil((limit - tableStart) / cs), this.l2EntryBytes);
+        if (j > i) {
+          run ??= { type: SubclusterType.UnallocatedPlain, length: 0 };
+          const stepEnd = Math.min(tableStart + j * cs, limit);
+          run.length += stepEnd - pos;
+          pos = stepEnd;
+          continue;
+        }
       }
       const e = this.decodeAt(table, c % this.l2Entries, l2Offset);
       const clusterStart = c * cs;
@@ -701,6 +696,19 @@ export function findSnapshot(snapshots: Snapshot[], idOrName: string): Snapshot 
   return snapshots.find((s) => s.id === idOrName) ?? snapshots.find((s) => s.name === idOrName);
 }
 
+/**
+ * The first entry in [i, end) of an L2 table that is not all zeros (an unallocated cluster with no
+ * subcluster bits), or `end`. Small integers only: V8 runs it without allocating.
+ */
+function emptyRunEnd(table: DataView, i: number, end: number, entryBytes: number): number {
+  for (; i < end; i++) {
+    const at = i * entryBytes;
+    if ((table.getInt32(at) | table.getInt32(at + 4)) !== 0) break;
+    if (entryBytes === 16 && (table.getInt32(at + 8) | table.getInt32(at + 12)) !== 0) break;
+  }
+  return i;
+}
+
 async function readL1(
   storage: Storage,
   offset: number,
@@ -714,9 +722,10 @@ async function readL1(
   await readFull(storage, buf, offset);
   const dv = view(buf);
   for (let i = 0; i < entries; i++) {
-    const e = decodeL1Entry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), clusterSize, i);
-    offsets[i] = e.l2Offset;
-    copied[i] = e.copied ? 1 : 0;
+    // Signed halves: small integers for V8 even with the COPIED bit (63) set.
+    const hi = dv.getInt32(i * 8);
+    offsets[i] = l1EntryOffset(hi, dv.getInt32(i * 8 + 4), clusterSize, i);
+    copied[i] = hi < 0 ? 1 : 0;
   }
   return { offsets, copied };
 }

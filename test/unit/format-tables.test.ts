@@ -17,6 +17,7 @@ import {
   getRefcount,
   type L2Entry,
   type L2Geometry,
+  l1EntryOffset,
   maxRefcount,
   SubclusterType,
   setRefcount,
@@ -49,6 +50,28 @@ test("decodeL1Entry: offset and COPIED flag", () => {
   assert.deepEqual(decodeL1Entry(0, 0, 65536, 2), { l2Offset: 0, copied: false });
   // Bits 9-55: the highest offset below 2^53 with 512-byte clusters.
   assert.equal(decodeL1Entry(...halves(0x1f_ffff_ffff_fe00n), 512, 3).l2Offset, 2 ** 53 - 512);
+});
+
+test("l1EntryOffset: the same offsets and errors from signed halves (DataView.getInt32)", () => {
+  const signed = (e: bigint): [number, number] => halves(e).map((x) => x | 0) as [number, number];
+  for (const e of [COPIED | 0x1234_5678_0000n, 0x5_0000n, 0n, COPIED | 0x80_0000_0000n, 0x1f_ffff_ffff_fe00n]) {
+    const cs = e === 0x1f_ffff_ffff_fe00n ? 512 : 65536;
+    assert.equal(
+      l1EntryOffset(...signed(e), cs, 1),
+      decodeL1Entry(...halves(e), cs, 1).l2Offset,
+      `0x${e.toString(16)}`,
+    );
+    assert.equal(l1EntryOffset(...halves(e), cs, 1), decodeL1Entry(...halves(e), cs, 1).l2Offset);
+  }
+  throwsQcow(
+    () => l1EntryOffset(...signed(COPIED | (1n << 62n) | 0x5_0000n), 65536, 9),
+    "corrupt",
+    /L1 entry 9 has reserved bits set \(0xc000000000050000\)/,
+  );
+  throwsQcow(() => l1EntryOffset(...signed(1n << 55n), 512, 5), "corrupt", /L1 entry 5.*2\^53/);
+  // A refcount table entry with bit 63 set, from signed halves: beyond 2^53, not negative.
+  throwsQcow(() => decodeRefcountTableEntry(...signed(1n << 63n), 512, 5), "corrupt", /2\^53/);
+  assert.equal(decodeRefcountTableEntry(...signed(0x8000_0000n), 65536, 0), 0x8000_0000);
 });
 
 test("decodeL1Entry: reserved bits 0-8 and 56-62", () => {
