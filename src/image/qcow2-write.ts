@@ -323,14 +323,17 @@ export class Qcow2Writer {
       let pos = offset;
       while (pos < end) {
         const gc = Math.floor(pos / cs);
-        const e = await this.entry(gc);
+        // Entries of cached tables come without waiting: `await` only a promise.
+        const ep = this.entry(gc);
+        const e = ep instanceof Promise ? await ep : ep;
         let runEnd = Math.min(end, (gc + 1) * cs);
         if (this.ownsData(e, gc, pos, runEnd)) {
           const host = (e as L2Entry).hostOffset + (pos - gc * cs);
           // Extend over following clusters that are owned and contiguous on the host.
           while (runEnd < end) {
             const ngc = runEnd / cs;
-            const ne = await this.entry(ngc);
+            const nep = this.entry(ngc);
+            const ne = nep instanceof Promise ? await nep : nep;
             const nEnd = Math.min(end, runEnd + cs);
             if (!this.ownsData(ne, ngc, runEnd, nEnd) || (ne as L2Entry).hostOffset !== host + (runEnd - pos)) break;
             runEnd = nEnd;
@@ -342,7 +345,8 @@ export class Qcow2Writer {
           while (runEnd < end && runEnd < tableEnd && count < MAX_ALLOC_GROUP) {
             const ngc = runEnd / cs;
             const nEnd = Math.min(end, runEnd + cs);
-            if (this.ownsData(await this.entry(ngc), ngc, runEnd, nEnd)) break;
+            const nep = this.entry(ngc);
+            if (this.ownsData(nep instanceof Promise ? await nep : nep, ngc, runEnd, nEnd)) break;
             runEnd = nEnd;
             count++;
           }

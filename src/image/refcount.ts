@@ -62,7 +62,8 @@ export class Refcounts {
     const dv = view(buf);
     const table = new Float64Array(entries);
     for (let i = 0; i < entries; i++) {
-      table[i] = decodeRefcountTableEntry(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4), clusterSize, i);
+      // Signed halves, as small integers for V8 (the decoder takes either).
+      table[i] = decodeRefcountTableEntry(dv.getInt32(i * 8), dv.getInt32(i * 8 + 4), clusterSize, i);
     }
     return new Refcounts(storage, h, table, cacheBytes);
   }
@@ -97,6 +98,24 @@ export class Refcounts {
   covered(index: number): boolean {
     const t = Math.floor(index / this.blockEntries);
     return t < this.table.length && this.table[t] !== 0;
+  }
+
+  /**
+   * Adds 1 to the refcount of cluster `index` without waiting, when its block exists and is
+   * cached and the count stays below the maximum (false otherwise: then `update`).
+   */
+  private incrementCached(index: number): boolean {
+    const t = Math.floor(index / this.blockEntries);
+    const blockOffset = t < this.table.length ? this.table[t] : 0;
+    if (blockOffset === 0) return false;
+    const block = blockOffset === this.lastOffset ? this.lastBlock : this.blocks.peek(blockOffset);
+    if (!block || this.blocks.peek(blockOffset) !== block) return false;
+    const i = index % this.blockEntries;
+    const value = getRefcount(block, i, this.order) + 1;
+    if (value > maxRefcount(this.order) - 1) return false;
+    setRefcount(block, i, this.order, value);
+    this.blocks.markDirty(blockOffset, block);
+    return true;
   }
 
   /** Adds `delta` to the refcount of cluster `index`; the block must exist for increments. */
@@ -146,18 +165,29 @@ export class Refcounts {
     let from = this.freeHint;
     for (;;) {
       let start = from;
+      // Lookups of cached blocks answer without waiting: `await` only on a promise (an await of
+      // a plain number still costs a promise and a turn of the microtask queue, per cluster).
       for (;;) {
         let run = 0;
-        while (run < n && (await this.get(start + run)) === 0) run++;
+        while (run < n) {
+          const r = this.get(start + run);
+          if ((typeof r === "number" ? r : await r) !== 0) break;
+          run++;
+        }
         if (run === n) break;
         start += run + 1;
       }
-      await this.coverClusters(start, n, onTableMoved);
+      if (!this.covered(start) || !this.covered(start + n - 1)) await this.coverClusters(start, n, onTableMoved);
       // Covering may have placed new refcount blocks inside the range: look again past them.
       let clash = -1;
-      for (let i = 0; i < n; i++) if ((await this.get(start + i)) !== 0) clash = i;
+      for (let i = 0; i < n; i++) {
+        const r = this.get(start + i);
+        if ((typeof r === "number" ? r : await r) !== 0) clash = i;
+      }
       if (clash < 0) {
-        for (let i = 0; i < n; i++) await this.update(start + i, 1, onTableMoved);
+        for (let i = 0; i < n; i++) {
+          if (!this.incrementCached(start + i)) await this.update(start + i, 1, onTableMoved);
+        }
         this.freeHint = start + n;
         return start * this.clusterSize;
       }
