@@ -18,6 +18,8 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "args.h"
+
 /* seek(fd, offset, whence) -> offset, or -1 when there is no data/hole at or after offset (ENXIO). */
 static napi_value Seek(napi_env env, napi_callback_info info) {
   size_t argc = 3;
@@ -78,15 +80,6 @@ static napi_value Lock(napi_env env, napi_callback_info info) {
   }
   napi_create_int32(env, err, &result);
   return result;
-}
-
-/* A Uint8Array argument's bytes: false (nothing set) when `value` is not one. */
-static bool get_bytes(napi_env env, napi_value value, void **data, size_t *length) {
-  bool is_typedarray = false;
-  napi_typedarray_type type;
-  return napi_is_typedarray(env, value, &is_typedarray) == napi_ok && is_typedarray &&
-         napi_get_typedarray_info(env, value, &type, length, data, NULL, NULL) == napi_ok &&
-         type == napi_uint8_array;
 }
 
 /*

@@ -15,6 +15,8 @@
 #include <string.h>
 #include <zlib.h>
 
+#include "args.h"
+
 /* QEMU's parameters (qcow2_zlib_compress): raw stream, 4 KiB window, memLevel 9, level 6. */
 #define WINDOW_BITS (-12)
 #define MEM_LEVEL 9
@@ -48,26 +50,12 @@ static int64_t deflate_into(const uint8_t *src, size_t src_len, uint8_t *dst, si
   return r == Z_OK || r == Z_BUF_ERROR ? 0 : -1;
 }
 
-static bool get_bytes(napi_env env, napi_value value, void **data, size_t *length) {
-  bool is_typedarray = false;
-  napi_typedarray_type type;
-  return napi_is_typedarray(env, value, &is_typedarray) == napi_ok && is_typedarray &&
-         napi_get_typedarray_info(env, value, &type, length, data, NULL, NULL) == napi_ok &&
-         type == napi_uint8_array;
-}
-
 /* deflate(src, dst) -> the compressed length in dst, or 0 when it does not fit. */
 static napi_value Deflate(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
   void *src, *dst;
   size_t src_len, dst_len;
   napi_value result;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 2 ||
-      !get_bytes(env, argv[0], &src, &src_len) || !get_bytes(env, argv[1], &dst, &dst_len)) {
-    napi_throw_type_error(env, NULL, "deflate(Uint8Array, Uint8Array)");
-    return NULL;
-  }
+  if (!get_two_buffers(env, info, "deflate(Uint8Array, Uint8Array)", &src, &src_len, &dst, &dst_len)) return NULL;
   int64_t n = deflate_into(src, src_len, dst, dst_len);
   if (n < 0) {
     napi_throw_error(env, NULL, "deflate failed (out of memory?)");
@@ -83,16 +71,10 @@ static napi_value Deflate(napi_env env, napi_callback_info info) {
  * stream cut short); -1 where src is not deflate data.
  */
 static napi_value Inflate(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
   void *src, *dst;
   size_t src_len, dst_len;
   napi_value result;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 2 ||
-      !get_bytes(env, argv[0], &src, &src_len) || !get_bytes(env, argv[1], &dst, &dst_len)) {
-    napi_throw_type_error(env, NULL, "inflate(Uint8Array, Uint8Array)");
-    return NULL;
-  }
+  if (!get_two_buffers(env, info, "inflate(Uint8Array, Uint8Array)", &src, &src_len, &dst, &dst_len)) return NULL;
   if (!inflater) {
     z_stream *s = calloc(1, sizeof *s);
     if (!s || inflateInit2(s, -15) != Z_OK) {
