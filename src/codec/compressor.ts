@@ -25,7 +25,7 @@ export class ClusterCompressor implements Compressor {
     private readonly type: "zlib" | "zstd",
     threads = availableParallelism(),
   ) {
-    const offThread = type === "zlib" && nativeZlib?.deflateClusters !== undefined;
+    const offThread = type === "zlib" && nativeZlib()?.deflateClusters !== undefined;
     this.threads = offThread ? Math.max(1, Math.min(threads, POOL_THREADS - 1)) : 1;
   }
 
@@ -33,7 +33,7 @@ export class ClusterCompressor implements Compressor {
     const out = this.take(clusters.length);
     const count = Math.ceil(clusters.length / clusterSize);
     const sizes = new Int32Array(count);
-    const deflateClusters = this.type === "zlib" ? nativeZlib?.deflateClusters : undefined;
+    const deflateClusters = this.type === "zlib" ? nativeZlib()?.deflateClusters : undefined;
     if (deflateClusters) {
       // At most `threads` chunks on the pool at once: the others would hold back reads and writes.
       if (this.running >= this.threads) await new Promise<void>((r) => this.waiting.push(r));

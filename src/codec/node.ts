@@ -22,20 +22,28 @@ export interface NativeZlib {
   deflateClusters(src: Uint8Array, clusterSize: number, out: Uint8Array, sizes: Int32Array): Promise<void>;
 }
 
-/** Undefined where the addon is not built, or this Node does not export zlib to addons. */
-export const nativeZlib: NativeZlib | undefined = (() => {
-  try {
-    return createRequire(import.meta.url)("../../../build/Release/qcowkit_zlib.node") as NativeZlib;
-  } catch {
-    return undefined;
+let nativeZlibLoaded: NativeZlib | null | undefined;
+/**
+ * The addon's zlib, loaded on first use (most commands meet no compressed cluster, and start-up
+ * time counts); undefined where the addon is not built, or this Node does not export zlib.
+ */
+export function nativeZlib(): NativeZlib | undefined {
+  if (nativeZlibLoaded === undefined) {
+    try {
+      nativeZlibLoaded = createRequire(import.meta.url)("../../../build/Release/qcowkit_zlib.node") as NativeZlib;
+    } catch {
+      nativeZlibLoaded = null;
+    }
   }
-})();
+  return nativeZlibLoaded ?? undefined;
+}
 
 export const nodeZlib: Codec = {
   name: "zlib",
   async decompress(src, dst) {
-    if (nativeZlib) {
-      const n = nativeZlib.inflate(src, dst);
+    const native = nativeZlib();
+    if (native) {
+      const n = native.inflate(src, dst);
       if (n < 0) throw corrupt("Compressed cluster does not inflate: invalid deflate data");
       if (n < dst.length) throw corrupt(`Compressed cluster inflates to ${n} bytes, expected ${dst.length}`);
       return;
@@ -105,9 +113,10 @@ export const nodeZstd: Codec = {
  */
 export function compressZlib(src: Uint8Array): Uint8Array | undefined {
   if (src.length === 0) return undefined;
-  if (nativeZlib) {
+  const native = nativeZlib();
+  if (native) {
     const out = new Uint8Array(src.length - 1);
-    const n = nativeZlib.deflate(src, out);
+    const n = native.deflate(src, out);
     return n > 0 ? out.slice(0, n) : undefined;
   }
   const z = zlib();
@@ -117,7 +126,8 @@ export function compressZlib(src: Uint8Array): Uint8Array | undefined {
 
 /** Deflate (as compressZlib) into `dst`: the compressed length, or 0 when it does not fit. */
 export function compressZlibInto(src: Uint8Array, dst: Uint8Array): number {
-  if (nativeZlib) return nativeZlib.deflate(src, dst);
+  const native = nativeZlib();
+  if (native) return native.deflate(src, dst);
   const out = compressZlib(src);
   if (!out || out.length > dst.length) return 0;
   dst.set(out);
