@@ -364,6 +364,28 @@ export class Qcow2Image implements BlockDevice {
           continue;
         }
       }
+      // A run of whole data clusters contiguous on the host, likewise (without extended L2).
+      if (!this.geometry.extendedL2 && pos === c * cs && (run === undefined || run.type === SubclusterType.Normal)) {
+        const tableStart = tableEnd - this.l2Entries * cs;
+        const i = c - l1Index * this.l2Entries;
+        const expect = run === undefined ? -1 : ((run.hostOffset as number) + run.length) / cs;
+        const j = normalRunEnd(table, i, Math.ceil((limit - tableStart) / cs), expect, this.clusterBits);
+        if (j > i) {
+          if (run === undefined) {
+            const at = i * this.l2EntryBytes;
+            run = {
+              type: SubclusterType.Normal,
+              length: 0,
+              hostOffset: hostOffsetOf(table.getInt32(at), table.getInt32(at + 4)),
+            };
+          }
+          const stepEnd = Math.min(tableStart + j * cs, limit);
+          run.length += stepEnd - pos;
+          expectHost = (run.hostOffset as number) + run.length;
+          pos = stepEnd;
+          continue;
+        }
+      }
       const e = this.decodeAt(table, c % this.l2Entries, l2Offset);
       const clusterStart = c * cs;
       const clusterEnd = clusterStart + cs;
@@ -555,7 +577,10 @@ export class Qcow2Image implements BlockDevice {
       const refcounts = await Refcounts.open(s, this.header);
       const endCluster = Math.ceil(fileLength / this.clusterSize);
       let count = 0;
-      for (let i = 0; i < endCluster && count < threshold; i++) if ((await refcounts.get(i)) !== 0) count++;
+      for (let i = 0; i < endCluster && count < threshold; i++) {
+        const r = refcounts.get(i); // a number where the block is cached: await only a promise
+        if ((typeof r === "number" ? r : await r) !== 0) count++;
+      }
       result = count >= threshold;
     }
     this.preallocationChecked = result;
@@ -705,6 +730,30 @@ function emptyRunEnd(table: DataView, i: number, end: number, entryBytes: number
     const at = i * entryBytes;
     if ((table.getInt32(at) | table.getInt32(at + 4)) !== 0) break;
     if (entryBytes === 16 && (table.getInt32(at + 8) | table.getInt32(at + 12)) !== 0) break;
+  }
+  return i;
+}
+
+/** The host offset of a standard L2 entry (bits 9-55), from signed or unsigned halves. */
+const hostOffsetOf = (hi: number, lo: number): number =>
+  (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
+
+/**
+ * The first entry in [i, end) of a table without extended L2 that is not a plain data cluster
+ * (no zero flag, no reserved or compressed bits, below 2^53, aligned) at host cluster `expect`
+ * (then expect + 1, and so on; -1: the first entry sets it), or `end`. Small integers only.
+ */
+function normalRunEnd(table: DataView, i: number, end: number, expect: number, clusterBits: number): number {
+  const hiScale = 1 << (32 - clusterBits);
+  const alignLo = ((1 << clusterBits) - 1) | 0x1ff;
+  for (; i < end; i++) {
+    const hi = table.getInt32(i * 8);
+    const lo = table.getInt32(i * 8 + 4);
+    // Bits 53-62 of the entry: an offset from 2^53, reserved bits, the compressed flag.
+    if ((lo & alignLo) !== 0 || (hi & 0x7fe0_0000) !== 0) break;
+    const k = (hi & 0x1f_ffff) * hiScale + (lo >>> clusterBits);
+    if (k === 0 || (expect !== -1 && k !== expect)) break;
+    expect = k + 1;
   }
   return i;
 }

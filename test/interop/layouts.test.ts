@@ -76,6 +76,23 @@ describe("qcow2 layouts written by QEMU", () => {
     });
   }
 
+  test("guest runs split where host clusters stop being contiguous (writes out of guest order)", async (t) => {
+    const dir = await caseDir("host-order");
+    const img = await create(dir, "h.qcow2", "8M", ["cluster_size=4096"]);
+    // Host order: [0, 64k), [128k, 192k), [64k, 128k), then 1 MiB from 2M and 1 MiB from 1M; a
+    // zero cluster in the middle of a run, and a run across two L2 tables (2 MiB each).
+    await qemuIoOk(img, [
+      "write -P 1 0 64k",
+      "write -P 2 128k 64k",
+      "write -P 3 64k 64k",
+      "write -P 4 2M 1M",
+      "write -P 5 1M 1M",
+      "write -z 32k 4k",
+      "write -P 7 4100k 2M",
+    ]);
+    await assertAllMatch(t, img, { dir });
+  });
+
   for (const bits of [1, 2, 4, 8, 16, 32, 64]) {
     test(`refcount_bits=${bits}`, async (t) => {
       const dir = await caseDir(`refcount-${bits}`);
