@@ -77,19 +77,30 @@ const CONTEXTS = new Map([
 ]);
 
 /**
- * Read buffers, reused: a fresh large Buffer per request costs more than the read itself.
- * Sizes are powers of two from 64 KiB; a few of each are kept.
+ * Read buffers, reused: a fresh large Buffer per request costs more than the read itself (the
+ * allocation zeroes it). Sizes are powers of two from 64 KiB. Spare buffers are kept up to a
+ * total of SPARE_BYTES: as many as the requests in flight use (nbdcopy's 4 connections x 16
+ * requests of 256 KiB), which a count per size (32, before) cut in half, so that every other
+ * request allocated (~30 ms of a 0.7 s copy). Peak memory is what the requests in flight hold
+ * either way.
  */
+const SPARE_BYTES = 32 * 1024 * 1024;
 class BufferPool {
   private readonly free = new Map<number, Buffer[]>();
+  private spare = 0;
   take(n: number): Buffer {
     const size = Math.max(65536, 2 ** Math.ceil(Math.log2(Math.max(1, n))));
-    return this.free.get(size)?.pop() ?? pageBuffer(size);
+    const b = this.free.get(size)?.pop();
+    if (b === undefined) return pageBuffer(size);
+    this.spare -= b.length;
+    return b;
   }
   give(b: Buffer): void {
+    if (this.spare + b.length > SPARE_BYTES) return;
     const list = this.free.get(b.length) ?? [];
-    if (list.length < 32) list.push(b);
+    list.push(b);
     this.free.set(b.length, list);
+    this.spare += b.length;
   }
 }
 const readBuffers = new BufferPool();
