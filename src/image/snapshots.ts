@@ -144,12 +144,15 @@ export async function createSnapshot(
     // leaves clusters of refcount 1 without the flag, which costs one copy on the next write
     // (qemu-img check reports it, -r all clears it). The other order could leave a shared
     // cluster flagged as the active layer's own, to be overwritten in place.
-    await clearActiveCopied(img, m);
-    await m.writeBack();
     let switched = false;
+    let raised = false;
     try {
+      await clearActiveCopied(img, m);
+      await m.writeBack();
       // One more reference to everything the active layer reaches, durable before the table.
+      // A walk that fails part-way undoes its own increments.
       await updateReferences(img, m, img.l1, 1);
+      raised = true;
       await m.writeBack();
       const snapshots = [...img.snapshots, sn];
       await switchSnapshotTable(img, w, m, snapshots, encodeTable(img, snapshots), () => {
@@ -158,8 +161,10 @@ export async function createSnapshot(
       });
     } catch (e) {
       // Not created: the references and flags go back to what they were (as far as the disk
-      // lets us; what it refuses stays a leak or a harmless missing COPIED flag).
-      if (!switched) await restoreActive(img, m, sn, e);
+      // lets us; what it refuses stays a leak or a harmless missing COPIED flag). The flags go
+      // back too when the failure came before any reference rose: a write that failed in the
+      // write-back after clearing them leaves them cleared in memory otherwise.
+      if (!switched) await restoreActive(img, m, sn, raised);
       throw e;
     }
     return sn;
@@ -167,10 +172,10 @@ export async function createSnapshot(
 }
 
 /** Undoes a snapshot creation that failed before its table was switched (best effort). */
-async function restoreActive(img: Qcow2Image, m: MetadataAccess, sn: Snapshot, cause: unknown): Promise<void> {
+async function restoreActive(img: Qcow2Image, m: MetadataAccess, sn: Snapshot, raised: boolean): Promise<void> {
   try {
-    // updateReferences undid its own increments when it failed part-way; otherwise drop them.
-    if (!(cause instanceof SnapshotError && cause.errno === 22)) await updateReferences(img, m, img.l1, -1);
+    // Only a completed walk's increments are dropped here: one that failed part-way undid its own.
+    if (raised) await updateReferences(img, m, img.l1, -1);
     setActiveCopied(img, m, await updateReferences(img, m, img.l1, 0));
     if (sn.l1Size > 0) await freeRange(m, sn.l1TableOffset, sn.l1Size * 8, img.clusterSize);
     await m.writeBack();
@@ -398,9 +403,10 @@ async function updateReferences(
   try {
     return await walkReferences(img, m, l1, addend, done, Number.POSITIVE_INFINITY);
   } catch (e) {
-    if (e instanceof SnapshotError && addend > 0) {
-      // Same walk, same order: undo exactly the changes that were made.
-      await walkReferences(img, m, l1, -addend, { changes: 0 }, done.changes);
+    if (addend > 0 && done.changes > 0) {
+      // Same walk, same order: undo exactly the changes that were made (whatever stopped the
+      // walk: a refused refcount or an I/O error). If the undo fails too, what it leaves is a leak.
+      await walkReferences(img, m, l1, -addend, { changes: 0 }, done.changes).catch(() => {});
     }
     throw e;
   }

@@ -595,6 +595,25 @@ function damagedImage(damage: "refcounts" | "table"): { bytes: Uint8Array; expec
   return { bytes, expected: built.expected() };
 }
 
+// Runs that once failed, repeated with their seed whatever QCOWKIT_SEED says.
+describe("fault injection: regressions", () => {
+  // CI, QCOWKIT_SEED=383739635: the write-back after snapshot creation cleared the active COPIED
+  // flags failed (EIO once, a refcount block); the flags stayed cleared in memory and later
+  // writes and snapshots left refcounts of 0 on referenced clusters.
+  test("snapshot creation: EIO in the write-back after the COPIED flags were cleared", async () => {
+    const s = (await scripts()).find((x) => x.name === "snapshot create and delete") as Script;
+    const seed = 771016552;
+    const plan: FaultPlan = { at: 16, kinds: ["write", "flush", "truncate"], errno: "EIO", persistent: false };
+    const o = await runOnce(s, seed, plan);
+    assert.equal(o.fault.firedAt, 16, "the fault fired");
+    assert.ok(
+      o.guest?.errors.some((e) => o.guest?.steps[e.step].kind === "snapshot"),
+      "the fault hit a snapshot creation",
+    );
+    await verifyRun(s, o, "EIO once", 16);
+  });
+});
+
 describe("fault injection: a repair that fails part-way leaves an image a second repair makes clean", () => {
   for (const damage of ["refcounts", "table"] as const) {
     test(`check -r all on damaged ${damage === "table" ? "refcount table" : "refcounts"}`, async () => {
