@@ -108,28 +108,15 @@ export const nodeZstd: Codec = {
 };
 
 /**
- * Deflate as QEMU's qcow2_zlib_compress: raw stream, window 2^12, memLevel 9, default level.
- * Undefined when the result would not be smaller than the cluster (QEMU then stores it plain).
+ * Deflate as QEMU's qcow2_zlib_compress (raw stream, window 2^12, memLevel 9, default level)
+ * into `dst`: the compressed length, or 0 when it does not fit.
  */
-export function compressZlib(src: Uint8Array): Uint8Array | undefined {
-  if (src.length === 0) return undefined;
-  const native = nativeZlib();
-  if (native) {
-    const out = new Uint8Array(src.length - 1);
-    const n = native.deflate(src, out);
-    return n > 0 ? out.slice(0, n) : undefined;
-  }
-  const z = zlib();
-  const out = z.deflateRawSync(src, { windowBits: 12, memLevel: 9, level: z.constants.Z_DEFAULT_COMPRESSION });
-  return out.length < src.length ? out : undefined;
-}
-
-/** Deflate (as compressZlib) into `dst`: the compressed length, or 0 when it does not fit. */
 export function compressZlibInto(src: Uint8Array, dst: Uint8Array): number {
   const native = nativeZlib();
   if (native) return native.deflate(src, dst);
-  const out = compressZlib(src);
-  if (!out || out.length > dst.length) return 0;
+  const z = zlib();
+  const out = z.deflateRawSync(src, { windowBits: 12, memLevel: 9, level: z.constants.Z_DEFAULT_COMPRESSION });
+  if (out.length > dst.length) return 0;
   dst.set(out);
   return out.length;
 }
@@ -137,29 +124,27 @@ export function compressZlibInto(src: Uint8Array, dst: Uint8Array): number {
 let cctx: ZstdBinding.CCtx | undefined;
 let zstdOut: Uint8Array | undefined;
 
-/** zstd at its default level 3, as QEMU's qcow2_zstd_compress. */
-export function compressZstd(src: Uint8Array): Uint8Array | undefined {
+/** zstd at its default level 3, as QEMU's qcow2_zstd_compress, into `dst`: as compressZlibInto. */
+export function compressZstdInto(src: Uint8Array, dst: Uint8Array): number {
   const zstd = zstdBinding();
   cctx ??= new zstd.CCtx();
   const bound = zstd.compressBound(src.length);
   if (!zstdOut || zstdOut.length < bound) zstdOut = new Uint8Array(bound);
   const n = cctx.compress(zstdOut, src, 3);
-  return n < src.length ? zstdOut.slice(0, n) : undefined;
+  if (n > dst.length) return 0;
+  dst.set(zstdOut.subarray(0, n));
+  return n;
 }
 
-/**
- * zstd at level 3 into `dst`: the compressed length, or 0 when it does not fit (then the
- * cluster does not shrink enough to be stored compressed).
- */
-export function compressZstdInto(src: Uint8Array, dst: Uint8Array): number {
-  const zstd = zstdBinding();
-  cctx ??= new zstd.CCtx();
-  try {
-    return cctx.compress(dst, src, 3);
-  } catch (e) {
-    if ((e as Error).message === "Destination buffer is too small") return 0;
-    throw e;
-  }
+/** `src` compressed by `into`, or undefined when it would not be smaller (QEMU then stores it plain). */
+function smaller(src: Uint8Array, into: (src: Uint8Array, dst: Uint8Array) => number): Uint8Array | undefined {
+  if (src.length === 0) return undefined;
+  const out = new Uint8Array(src.length - 1);
+  const n = into(src, out);
+  return n > 0 ? out.slice(0, n) : undefined;
 }
+
+export const compressZlib = (src: Uint8Array): Uint8Array | undefined => smaller(src, compressZlibInto);
+export const compressZstd = (src: Uint8Array): Uint8Array | undefined => smaller(src, compressZstdInto);
 
 export const nodeCodecs: Codecs = { zlib: nodeZlib, zstd: nodeZstd };

@@ -11,8 +11,17 @@ export const OFLAG_COMPRESSED_HI = 0x4000_0000;
 export const OFLAG_ZERO_LO = 0x1;
 
 /** Bits 9-55 of a table entry: an offset in the image file. */
-function offsetField(hi: number, lo: number): number {
+/** The offset field (bits 9-55) of an L1 or standard L2 entry, from signed or unsigned halves. */
+export function offsetField(hi: number, lo: number): number {
   return (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
+}
+
+/**
+ * floor(offsetField / cluster size): the host cluster of an entry, computed in small integers
+ * (no heap numbers for V8 in loops over whole tables) while the offset is below 2^(31 + clusterBits).
+ */
+export function entryCluster(hi: number, lo: number, clusterBits: number): number {
+  return (hi & 0x00ff_ffff) * (1 << (32 - clusterBits)) + (lo >>> clusterBits);
 }
 
 /** An offset past 2^53 (JavaScript numbers are exact up to there): `what` names the entry. */

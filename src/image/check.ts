@@ -33,11 +33,13 @@ import {
 } from "../format/header.js";
 import type { Snapshot } from "../format/snapshot.js";
 import {
+  entryCluster,
   exactRefcount64,
   getRefcount,
   maxRefcount,
   OFLAG_COMPRESSED_HI,
   OFLAG_COPIED_HI,
+  offsetField,
   setRefcount,
 } from "../format/tables.js";
 import type { Storage } from "../io/storage.js";
@@ -100,7 +102,6 @@ const REFT_RESERVED_LO = 0x1ff;
 
 const hex64 = (hi: number, lo: number): string =>
   hi === 0 ? (lo >>> 0).toString(16) : (hi >>> 0).toString(16) + (lo >>> 0).toString(16).padStart(8, "0");
-const offsetOf = (hi: number, lo: number): number => (hi & OFFSET_HI) * 2 ** 32 + ((lo & OFFSET_LO) >>> 0);
 
 /** The in-memory refcount array (QEMU's IMRT): references counted per host cluster. */
 class ReferenceArray {
@@ -225,8 +226,6 @@ class OnDiskRefcounts {
 /** checkL2's state for scanL2 over one table. */
 interface L2Scan {
   readonly clusterBits: number;
-  /** 2^(32 - clusterBits): the clusters in one unit of an entry's upper half. */
-  readonly hiScale: number;
   /** The offset bits below the cluster size, clear in an aligned entry. */
   readonly alignLo: number;
   readonly fileClusters: number;
@@ -251,7 +250,7 @@ const SCAN_HI_STOP = COMPRESSED_HI | L2_STD_RESERVED_HI;
  */
 function scanL2(dv: DataView, i: number, end: number, counts: Uint32Array, s: L2Scan): number {
   const stride = s.extendedL2 ? 16 : 8;
-  const { alignLo, hiScale, clusterBits, fileClusters, max, frag } = s;
+  const { alignLo, clusterBits, fileClusters, max, frag } = s;
   // Locals only inside the loop: a property first touched after V8 optimised the loop (the
   // rare fragmented cluster) would throw the optimised code away.
   let next = s.next;
@@ -266,7 +265,7 @@ function scanL2(dv: DataView, i: number, end: number, counts: Uint32Array, s: L2
     if ((hi | lo | bmZero | bmAlloc) === 0) continue;
     if ((hi & SCAN_HI_STOP) !== 0 || (lo & (L2_STD_RESERVED_LO | alignLo)) !== 0 || (bmZero & bmAlloc) !== 0) break;
     if (((hi & OFFSET_HI) | (lo & OFFSET_LO)) === 0) break;
-    const k = (hi & OFFSET_HI) * hiScale + (lo >>> clusterBits);
+    const k = entryCluster(hi, lo, clusterBits);
     if (k >= fileClusters || counts[k] >= max) break;
     counts[k]++;
     if (frag) {
@@ -290,13 +289,12 @@ function scanL2(dv: DataView, i: number, end: number, counts: Uint32Array, s: L2
 function scanCopied(dv: DataView, i: number, end: number, stride: number, refs: ReferenceArray, bits: number): number {
   const counts = refs.counts;
   const clusters = refs.clusters;
-  const hiScale = 1 << (32 - bits);
   for (; i < end; i++) {
     const at = i * stride;
     const hi = dv.getInt32(at);
     const lo = dv.getInt32(at + 4);
     if ((hi & COMPRESSED_HI) !== 0 || ((hi & OFFSET_HI) | (lo & OFFSET_LO)) === 0) continue;
-    const k = (hi & OFFSET_HI) * hiScale + (lo >>> bits);
+    const k = entryCluster(hi, lo, bits);
     if (k >= clusters || (counts[k] === 1) !== hi < 0) break; // hi < 0: COPIED (bit 63) set
   }
   return i;
@@ -504,7 +502,7 @@ class Checker {
         }
         continue;
       }
-      const offset = offsetOf(hi, lo);
+      const offset = offsetField(hi, lo);
       const zeroFlag = !this.extendedL2 && (lo & 1) !== 0;
       const allocated = offset !== 0 || (this.externalData && (hi & COPIED_HI) !== 0);
       if (!allocated) {
@@ -569,7 +567,6 @@ class Checker {
     if (refs.counts.length < fileClusters) return undefined;
     return {
       clusterBits: this.h.clusterBits,
-      hiScale: 1 << (32 - this.h.clusterBits), // clusterBits >= 9
       alignLo: (this.cs - 1) & OFFSET_LO,
       fileClusters,
       max: this.refcountMax,
@@ -594,7 +591,7 @@ class Checker {
     const dv = view(await this.read(l1Offset, l1Size * 8));
     const entries: number[] = [];
     for (let i = 0; i < l1Size; i++) if (dv.getUint32(i * 8) !== 0 || dv.getUint32(i * 8 + 4) !== 0) entries.push(i);
-    const l2Offsets = entries.map((i) => offsetOf(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4)));
+    const l2Offsets = entries.map((i) => offsetField(dv.getUint32(i * 8), dv.getUint32(i * 8 + 4)));
     await this.eachTable(l2Offsets, async (table, k) => {
       const i = entries[k];
       const hi = dv.getUint32(i * 8);
@@ -696,22 +693,20 @@ class Checker {
 
   /** Compares counted references with the refcounts on disk (compare_refcounts). */
   async compare(refs: ReferenceArray, fix: number): Promise<{ highest: number; rebuild: boolean }> {
-    let highest = 0;
+    // The last cluster in use (by the refcounts on disk or the counted references).
+    const st = { highest: 0 };
     let rebuild = false;
     let agrees = true;
     this.counted = undefined;
     const res = this.res;
     const E = this.blockEntries;
     const order = this.h.refcountOrder;
-    const st = { highest: 0 };
     for (let t = 0; t * E < refs.clusters; t++) {
       const block = await this.disk.blockAt(t);
       const end = Math.min(refs.clusters, (t + 1) * E);
       for (let i = t * E; i < end; i++) {
         if (!(block instanceof Error)) {
-          st.highest = highest;
           i = scanRefcounts(block, t * E, i, end, refs, order, st);
-          highest = st.highest;
           if (i >= end) break;
         }
         if (block instanceof Error) {
@@ -722,7 +717,7 @@ class Checker {
         }
         const r1 = block ? getRefcount(block, i - t * E, order) : 0;
         const r2 = refs.get(i);
-        if (r1 > 0 || r2 > 0) highest = i;
+        if (r1 > 0 || r2 > 0) st.highest = i;
         if (r1 === r2) continue;
         agrees = false;
         let fixing: "leaks" | "corruptions" | undefined;
@@ -745,7 +740,7 @@ class Checker {
       }
     }
     if (agrees) this.counted = refs;
-    return { highest, rebuild };
+    return { highest: st.highest, rebuild };
   }
 
   /**
@@ -843,13 +838,12 @@ class Checker {
     if (h.l1Size === 0) return;
     const counted = this.counted;
     const clusterBits = h.clusterBits;
-    const hiScale = 1 << (32 - clusterBits); // clusterBits >= 9
     const l1 = await this.read(h.l1TableOffset, h.l1Size * 8);
     const l1v = view(l1);
     const entries: number[] = [];
     for (let i = 0; i < h.l1Size; i++)
-      if (offsetOf(l1v.getUint32(i * 8), l1v.getUint32(i * 8 + 4)) !== 0) entries.push(i);
-    const l2Offsets = entries.map((i) => offsetOf(l1v.getUint32(i * 8), l1v.getUint32(i * 8 + 4)));
+      if (offsetField(l1v.getUint32(i * 8), l1v.getUint32(i * 8 + 4)) !== 0) entries.push(i);
+    const l2Offsets = entries.map((i) => offsetField(l1v.getUint32(i * 8), l1v.getUint32(i * 8 + 4)));
     await this.eachTable(l2Offsets, async (table, k) => {
       const i = entries[k];
       const hi = l1v.getUint32(i * 8);
@@ -890,8 +884,7 @@ class Checker {
         if (!allocated) continue;
         let refcount = 1;
         if (!this.externalData) {
-          // floor(offset / cluster size), in small integers.
-          const cluster = (ehi & OFFSET_HI) * hiScale + (elo >>> clusterBits);
+          const cluster = entryCluster(ehi, elo, clusterBits);
           const r =
             counted !== undefined && cluster < counted.clusters
               ? counted.counts[cluster]

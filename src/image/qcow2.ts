@@ -34,9 +34,11 @@ import {
 import {
   ClusterType,
   decodeL2Entry,
+  entryCluster,
   type L2Entry,
   type L2Geometry,
   l1EntryOffset,
+  offsetField,
   SubclusterType,
   subclusterType,
 } from "../format/tables.js";
@@ -376,7 +378,7 @@ export class Qcow2Image implements BlockDevice {
             run = {
               type: SubclusterType.Normal,
               length: 0,
-              hostOffset: hostOffsetOf(table.getInt32(at), table.getInt32(at + 4)),
+              hostOffset: offsetField(table.getInt32(at), table.getInt32(at + 4)),
             };
           }
           const stepEnd = Math.min(tableStart + j * cs, limit);
@@ -734,24 +736,19 @@ function emptyRunEnd(table: DataView, i: number, end: number, entryBytes: number
   return i;
 }
 
-/** The host offset of a standard L2 entry (bits 9-55), from signed or unsigned halves. */
-const hostOffsetOf = (hi: number, lo: number): number =>
-  (hi & 0x00ff_ffff) * 0x1_0000_0000 + ((lo & 0xffff_fe00) >>> 0);
-
 /**
  * The first entry in [i, end) of a table without extended L2 that is not a plain data cluster
  * (no zero flag, no reserved or compressed bits, below 2^53, aligned) at host cluster `expect`
  * (then expect + 1, and so on; -1: the first entry sets it), or `end`. Small integers only.
  */
 function normalRunEnd(table: DataView, i: number, end: number, expect: number, clusterBits: number): number {
-  const hiScale = 1 << (32 - clusterBits);
   const alignLo = ((1 << clusterBits) - 1) | 0x1ff;
   for (; i < end; i++) {
     const hi = table.getInt32(i * 8);
     const lo = table.getInt32(i * 8 + 4);
     // Bits 53-62 of the entry: an offset from 2^53, reserved bits, the compressed flag.
     if ((lo & alignLo) !== 0 || (hi & 0x7fe0_0000) !== 0) break;
-    const k = (hi & 0x1f_ffff) * hiScale + (lo >>> clusterBits);
+    const k = entryCluster(hi, lo, clusterBits);
     if (k === 0 || (expect !== -1 && k !== expect)) break;
     expect = k + 1;
   }

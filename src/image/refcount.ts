@@ -82,15 +82,25 @@ export class Refcounts {
     return block;
   }
 
-  /** The refcount of host cluster `index` (0 where no refcount block covers it). */
+  /**
+   * Refcount block `blockOffset` when it is at hand without waiting: the block of the previous
+   * lookup, or one in the cache.
+   */
+  private cachedBlock(blockOffset: number): DataView | undefined {
+    const block = blockOffset === this.lastOffset ? this.lastBlock : this.blocks.peek(blockOffset);
+    return block && this.blocks.peek(blockOffset) === block ? block : undefined;
+  }
+
+  /**
+   * The refcount of host cluster `index` (0 where no refcount block covers it): a number where
+   * its block is cached, so that callers await only a real read.
+   */
   get(index: number): number | Promise<number> {
     const t = Math.floor(index / this.blockEntries);
     const blockOffset = t < this.table.length ? this.table[t] : 0;
     if (blockOffset === 0) return 0;
-    // The block of the previous lookup, or one in the cache, answers without waiting.
-    const block = blockOffset === this.lastOffset ? this.lastBlock : this.blocks.peek(blockOffset);
-    if (block && this.blocks.peek(blockOffset) === block)
-      return getRefcount(block, index % this.blockEntries, this.order);
+    const block = this.cachedBlock(blockOffset);
+    if (block) return getRefcount(block, index % this.blockEntries, this.order);
     return this.block(blockOffset).then((b) => getRefcount(b, index % this.blockEntries, this.order));
   }
 
@@ -101,25 +111,19 @@ export class Refcounts {
   }
 
   /**
-   * Adds 1 to the refcount of cluster `index` without waiting, when its block exists and is
-   * cached and the count stays below the maximum (false otherwise: then `update`).
+   * Adds `delta` to the refcount of cluster `index`; the block must exist for increments. As
+   * `get`: done at once (a number, or a thrown error) where the block is cached, a promise where
+   * it must be read or made first.
    */
-  private incrementCached(index: number): boolean {
+  update(index: number, delta: number, onTableMoved: TableMoved): number | Promise<number> {
     const t = Math.floor(index / this.blockEntries);
     const blockOffset = t < this.table.length ? this.table[t] : 0;
-    if (blockOffset === 0) return false;
-    const block = blockOffset === this.lastOffset ? this.lastBlock : this.blocks.peek(blockOffset);
-    if (!block || this.blocks.peek(blockOffset) !== block) return false;
-    const i = index % this.blockEntries;
-    const value = getRefcount(block, i, this.order) + 1;
-    if (value > maxRefcount(this.order) - 1) return false;
-    setRefcount(block, i, this.order, value);
-    this.blocks.markDirty(blockOffset, block);
-    return true;
+    const block = blockOffset === 0 ? undefined : this.cachedBlock(blockOffset);
+    if (block) return this.apply(block, blockOffset, index, delta);
+    return this.updateLoading(index, delta, onTableMoved);
   }
 
-  /** Adds `delta` to the refcount of cluster `index`; the block must exist for increments. */
-  async update(index: number, delta: number, onTableMoved: TableMoved): Promise<number> {
+  private async updateLoading(index: number, delta: number, onTableMoved: TableMoved): Promise<number> {
     const t = Math.floor(index / this.blockEntries);
     if (t >= this.table.length || this.table[t] === 0) {
       if (delta < 0)
@@ -127,7 +131,10 @@ export class Refcounts {
       await this.coverClusters(index, 1, onTableMoved);
     }
     const blockOffset = this.table[t];
-    const block = await this.block(blockOffset);
+    return this.apply(await this.block(blockOffset), blockOffset, index, delta);
+  }
+
+  private apply(block: DataView, blockOffset: number, index: number, delta: number): number {
     const i = index % this.blockEntries;
     const current = getRefcount(block, i, this.order);
     if (this.order >= 6 && current === Number.MAX_SAFE_INTEGER) {
@@ -186,7 +193,8 @@ export class Refcounts {
       }
       if (clash < 0) {
         for (let i = 0; i < n; i++) {
-          if (!this.incrementCached(start + i)) await this.update(start + i, 1, onTableMoved);
+          const v = this.update(start + i, 1, onTableMoved);
+          if (typeof v !== "number") await v;
         }
         this.freeHint = start + n;
         return start * this.clusterSize;
