@@ -10,6 +10,45 @@ export interface BlockDevice {
   close(): Promise<void>;
   /** Extents covering [offset, offset+length), merged as `qemu-img map` merges them. */
   blockStatus(offset: number, length: number): AsyncIterable<Extent>;
+  /**
+   * A read that leaves out the runs reading as zeros without stored data (block status: zero,
+   * not data), in one pass over the tables; see readSparse(). Optional: readSparse() does it
+   * for any device from blockStatus() and read().
+   */
+  readSparse?(dst: Uint8Array, offset: number): Promise<number[]>;
+}
+
+/**
+ * Reads [offset, offset + dst.length) as `read` does, except the runs that read as zeros
+ * without stored data ("holes": zero and not data in block status), which are returned as
+ * ascending, merged [start, length] pairs of guest offsets, flattened; their bytes in `dst` are
+ * left as they were. An NBD structured read sends those runs as holes.
+ */
+export function readSparse(dev: BlockDevice, dst: Uint8Array, offset: number): Promise<number[]> {
+  return dev.readSparse ? dev.readSparse(dst, offset) : readSparseByStatus(dev, dst, offset);
+}
+
+/** readSparse from block status and a read of each data run. */
+export async function readSparseByStatus(dev: BlockDevice, dst: Uint8Array, offset: number): Promise<number[]> {
+  const holes: number[] = [];
+  const reads: Promise<void>[] = [];
+  const end = offset + dst.length;
+  for await (const e of dev.blockStatus(offset, dst.length)) {
+    const start = Math.max(e.start, offset);
+    const stop = Math.min(e.start + e.length, end);
+    if (stop <= start) continue;
+    if (e.zero && !e.data) addHole(holes, start, stop - start);
+    else reads.push(dev.read(dst.subarray(start - offset, stop - offset), start));
+  }
+  await Promise.all(reads);
+  return holes;
+}
+
+/** Appends [start, length] to a readSparse list, merged with the last pair where they touch. */
+export function addHole(holes: number[], start: number, length: number): void {
+  const n = holes.length;
+  if (n > 0 && holes[n - 2] + holes[n - 1] === start) holes[n - 1] += length;
+  else holes.push(start, length);
 }
 
 /**
@@ -30,4 +69,13 @@ export interface Extent {
   compressed?: boolean;
   /** The file that `offset` points into (the layer's image or its external data file). */
   file?: string;
+}
+
+/** Merges further readSparse lists into `holes`, in order of start. */
+export function mergeHoles(holes: number[], more: number[][]): void {
+  const pairs: [number, number][] = [];
+  for (const list of [holes, ...more]) for (let i = 0; i < list.length; i += 2) pairs.push([list[i], list[i + 1]]);
+  pairs.sort((a, b) => a[0] - b[0]);
+  holes.length = 0;
+  for (const [start, length] of pairs) addHole(holes, start, length);
 }

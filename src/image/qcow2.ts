@@ -43,7 +43,7 @@ import {
   subclusterType,
 } from "../format/tables.js";
 import { readFull, type Storage } from "../io/storage.js";
-import type { BlockDevice, Extent } from "./block-device.js";
+import { addHole, type BlockDevice, type Extent, mergeHoles, readSparse, readSparseByStatus } from "./block-device.js";
 import { TableCache } from "./cache.js";
 import { Qcow2Writer } from "./qcow2-write.js";
 import type { RawImage } from "./raw.js";
@@ -423,6 +423,22 @@ export class Qcow2Image implements BlockDevice {
   }
 
   async read(dst: Uint8Array, offset: number): Promise<void> {
+    this.checkRead(dst, offset);
+    await this.readMapped(dst, offset, undefined);
+  }
+
+  /** See BlockDevice.readSparse: one pass over the tables, where block status and a read take two. */
+  async readSparse(dst: Uint8Array, offset: number): Promise<number[]> {
+    this.checkRead(dst, offset);
+    // Data clusters of a metadata-preallocated image may be holes of the file: block status
+    // looks into the file for those.
+    if (this.preallocationChecked ?? (await this.metadataPreallocated())) return readSparseByStatus(this, dst, offset);
+    const holes: number[] = [];
+    await this.readMapped(dst, offset, holes);
+    return holes;
+  }
+
+  private checkRead(dst: Uint8Array, offset: number): void {
     if (this.header.cryptMethod !== CRYPT_NONE) throw encryptedError(this.header.cryptMethod);
     if (offset < 0 || offset + dst.length > this.size) {
       throw new QcowError(
@@ -430,10 +446,20 @@ export class Qcow2Image implements BlockDevice {
         `Read of ${dst.length} bytes at ${offset} is beyond the end of the image (${this.size})`,
       );
     }
+  }
+
+  /**
+   * Reads guest bytes run by run of the mapping, the runs at once. With `holes`, runs that read
+   * as zeros without data (zero clusters; unallocated past the backing file) are added to it
+   * instead of filled, and the backing file is read the same way.
+   */
+  private async readMapped(dst: Uint8Array, offset: number, holes: number[] | undefined): Promise<void> {
     // While data is read from host clusters, clusters freed meanwhile must not be handed out again.
     this.writer?.beginIo();
     try {
       const jobs: Promise<void>[] = [];
+      // The backing file's holes arrive out of order: merged in at the end.
+      const backingHoles: number[][] = [];
       let pos = offset;
       const end = offset + dst.length;
       while (pos < end) {
@@ -447,10 +473,29 @@ export class Qcow2Image implements BlockDevice {
           throw e;
         }
         const part = dst.subarray(pos - offset, pos - offset + run.length);
-        jobs.push(this.readRun(run, part, pos));
+        const t = run.type;
+        if (holes === undefined || t === SubclusterType.Normal || t === SubclusterType.Compressed) {
+          jobs.push(this.readRun(run, part, pos));
+        } else if (t === SubclusterType.ZeroPlain || t === SubclusterType.ZeroAlloc) {
+          addHole(holes, pos, run.length);
+        } else {
+          const b = this.backing;
+          const inBacking = b ? Math.max(0, Math.min(part.length, b.size - pos)) : 0;
+          if (b && inBacking > 0) {
+            const list: number[] = [];
+            backingHoles.push(list);
+            jobs.push(
+              readSparse(b, part.subarray(0, inBacking), pos).then((h) => {
+                list.push(...h);
+              }),
+            );
+          }
+          if (inBacking < part.length) addHole(holes, pos + inBacking, part.length - inBacking);
+        }
         pos += run.length;
       }
       await Promise.all(jobs);
+      if (holes && backingHoles.length > 0) mergeHoles(holes, backingHoles);
     } finally {
       this.writer?.endIo();
     }

@@ -153,12 +153,17 @@ export function simpleReply(error: number, handle: bigint): Buffer {
 /** A structured reply chunk header for a payload of `length` bytes. */
 export function chunkHeader(flags: number, type: number, handle: bigint, length: number): Buffer {
   const b = Buffer.alloc(20);
+  writeChunkHeader(b, flags, type, handle, length);
+  return b;
+}
+
+/** Writes a structured reply chunk header into the first 20 bytes of `b`. */
+export function writeChunkHeader(b: Buffer, flags: number, type: number, handle: bigint, length: number): void {
   b.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
   b.writeUInt16BE(flags, 4);
   b.writeUInt16BE(type, 6);
   b.writeBigUInt64BE(handle, 8);
   b.writeUInt32BE(length, 16);
-  return b;
 }
 
 export function errorChunk(handle: bigint, error: number, message: string): Buffer {

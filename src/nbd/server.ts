@@ -14,7 +14,7 @@
 import { EventEmitter } from "node:events";
 import type * as net from "node:net";
 import { QcowError } from "../errors.js";
-import type { BlockDevice, Extent } from "../image/block-device.js";
+import { type BlockDevice, type Extent, readSparse } from "../image/block-device.js";
 import { ioBuffer } from "../io/buffer.js";
 import { lazyBuiltin } from "../lazy-builtin.js";
 import * as P from "./protocol.js";
@@ -226,6 +226,9 @@ class Connection {
   ) {
     this.reader = new SocketReader(socket);
     socket.setNoDelay(true);
+    const wake = (): void => this.wake();
+    socket.on("drain", wake);
+    socket.on("close", wake);
   }
 
   /** Serves the client until it leaves; never rejects. */
@@ -410,11 +413,7 @@ class Connection {
       const bytes = req.type === P.CMD_READ || req.type === P.CMD_WRITE ? Math.min(req.length, P.MAX_PAYLOAD) : 0;
       this.inflight++;
       this.inflightBytes += bytes;
-      this.serve(req, payload).finally(() => {
-        this.inflight--;
-        this.inflightBytes -= bytes;
-        for (const f of this.idle.splice(0)) f();
-      });
+      void this.serve(req, payload, bytes);
     }
   }
 
@@ -428,17 +427,14 @@ class Connection {
   private async slowDown(): Promise<void> {
     while (!this.stopping && this.busy) {
       if (this.socket.destroyed) throw new Hangup("client disconnected");
-      await new Promise<void>((resolve) => {
-        const wake = (): void => {
-          this.socket.off("drain", wake);
-          this.socket.off("close", wake);
-          resolve();
-        };
-        this.idle.push(wake);
-        this.socket.on("drain", wake);
-        this.socket.on("close", wake);
-      });
+      await new Promise<void>((resolve) => this.idle.push(resolve));
     }
+  }
+
+  /** A request ended, or the socket drained or closed: those waiting look again. */
+  private wake(): void {
+    if (this.idle.length === 0) return;
+    for (const f of this.idle.splice(0)) f();
   }
 
   private async drained(): Promise<void> {
@@ -472,7 +468,8 @@ class Connection {
     else this.send(P.chunkHeader(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, req.handle, 0));
   }
 
-  private async serve(req: P.Request, payload: Buffer | undefined): Promise<void> {
+  /** Answers one request (never rejects); `bytes` is what it counted in inflightBytes. */
+  private async serve(req: P.Request, payload: Buffer | undefined, bytes: number): Promise<void> {
     const dev = this.exp.device;
     try {
       const error = this.validate(req);
@@ -514,6 +511,10 @@ class Connection {
     } catch (e) {
       this.log(`request failed: ${(e as Error).message}`);
       this.done(req, errnoOf(e), (e as Error).message);
+    } finally {
+      this.inflight--;
+      this.inflightBytes -= bytes;
+      this.wake();
     }
   }
 
@@ -566,42 +567,41 @@ class Connection {
 
   /** A structured read reply: data chunks, and holes for zero runs. True once `buf` is sent. */
   private async sendSparse(req: P.Request, buf: Buffer, written: () => void): Promise<boolean> {
-    const dev = this.exp.device;
     // Zero runs go out as holes (unless the client wants one chunk): less to send and to read.
-    const parts: { start: number; length: number; hole: boolean }[] = [];
+    let holes: number[];
     if (req.flags & P.CMD_FLAG_DF) {
-      parts.push({ start: req.offset, length: req.length, hole: false });
+      await this.exp.device.read(buf, req.offset);
+      holes = [];
     } else {
-      for await (const e of dev.blockStatus(req.offset, req.length)) {
-        const start = Math.max(e.start, req.offset);
-        const end = Math.min(e.start + e.length, req.offset + req.length);
-        if (end <= start) continue;
-        const hole = e.zero && !e.data;
-        const last = parts[parts.length - 1];
-        if (last && last.hole === hole && last.start + last.length === start) last.length += end - start;
-        else parts.push({ start, length: end - start, hole });
-      }
+      holes = await readSparse(this.exp.device, buf, req.offset);
     }
-    // The data parts are read at once, each into its place in `buf`.
-    const part = (p: { start: number; length: number }) =>
-      buf.subarray(p.start - req.offset, p.start - req.offset + p.length);
-    await Promise.all(parts.filter((p) => !p.hole).map((p) => dev.read(part(p), p.start)));
+    // The chunk headers share one buffer: a data chunk's is 28 bytes (with its offset), a hole's 32.
+    const end = req.offset + req.length;
+    const headers = Buffer.allocUnsafe(32 * (holes.length + 1));
     const out: Buffer[] = [];
-    for (let i = 0; i < parts.length; i++) {
-      const p = parts[i];
-      const flags = i === parts.length - 1 ? P.REPLY_FLAG_DONE : 0;
-      if (p.hole) {
-        const b = Buffer.alloc(12);
-        b.writeBigUInt64BE(BigInt(p.start), 0);
-        b.writeUInt32BE(p.length, 8);
-        out.push(P.chunkHeader(flags, P.REPLY_TYPE_OFFSET_HOLE, req.handle, 12), b);
+    let at = 0;
+    const chunk = (type: number, start: number, length: number): void => {
+      const done = start + length === end ? P.REPLY_FLAG_DONE : 0;
+      const size = type === P.REPLY_TYPE_OFFSET_DATA ? 28 : 32;
+      const h = headers.subarray(at, at + size);
+      at += size;
+      P.writeChunkHeader(h, done, type, req.handle, size === 28 ? 8 + length : 12);
+      h.writeUInt32BE(Math.floor(start / 2 ** 32), 20);
+      h.writeUInt32BE(start >>> 0, 24);
+      if (size === 28) {
+        out.push(h, buf.subarray(start - req.offset, start - req.offset + length));
       } else {
-        const data = part(p);
-        const o = Buffer.alloc(8);
-        o.writeBigUInt64BE(BigInt(p.start), 0);
-        out.push(P.chunkHeader(flags, P.REPLY_TYPE_OFFSET_DATA, req.handle, 8 + p.length), o, data);
+        h.writeUInt32BE(length, 28);
+        out.push(h);
       }
+    };
+    let pos = req.offset;
+    for (let i = 0; i < holes.length; i += 2) {
+      if (holes[i] > pos) chunk(P.REPLY_TYPE_OFFSET_DATA, pos, holes[i] - pos);
+      chunk(P.REPLY_TYPE_OFFSET_HOLE, holes[i], holes[i + 1]);
+      pos = holes[i] + holes[i + 1];
     }
+    if (pos < end) chunk(P.REPLY_TYPE_OFFSET_DATA, pos, end - pos);
     this.sendAll(out, written);
     return true;
   }

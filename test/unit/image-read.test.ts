@@ -8,6 +8,7 @@ import { test } from "node:test";
 import { nodeCodecs } from "../../src/codec/node.js";
 import { QcowError } from "../../src/errors.js";
 import { SubclusterType } from "../../src/format/tables.js";
+import { type BlockDevice, readSparse, readSparseByStatus } from "../../src/image/block-device.js";
 import { Qcow2Image } from "../../src/image/qcow2.js";
 import { RawImage } from "../../src/image/raw.js";
 import { MemoryStorage } from "../../src/io/memory.js";
@@ -390,4 +391,91 @@ test("read: a compressed cluster whose bytes lie past the end of the file is cor
   const z = img.active.compressed.get(0) as { offset: number; size: number };
   const q = await Qcow2Image.open(new MemoryStorage(img.bytes.slice(0, z.offset)), { codecs: nodeCodecs });
   await assert.rejects(q.read(new Uint8Array(10), 0), (e: unknown) => e instanceof QcowError && e.code === "corrupt");
+});
+
+/**
+ * readSparse against its definition: the holes are exactly the runs that block status calls zero
+ * and not data (readSparseByStatus), and the rest of the buffer is what read() gives; bytes of
+ * holes are left untouched.
+ */
+async function assertSparse(dev: BlockDevice, expected: Uint8Array, offset: number, length: number): Promise<void> {
+  const what = `readSparse of ${length} bytes at ${offset}`;
+  const dst = new Uint8Array(length).fill(0xee);
+  const holes = await readSparse(dev, dst, offset);
+  const byStatus = new Uint8Array(length).fill(0xee);
+  assert.deepEqual(holes, await readSparseByStatus(dev, byStatus, offset), `${what}: holes as block status has them`);
+  assert.deepEqual(dst, byStatus, `${what}: bytes as block status and read give them`);
+  const inHole = new Uint8Array(length);
+  let last = -1;
+  for (let i = 0; i < holes.length; i += 2) {
+    const [start, n] = [holes[i], holes[i + 1]];
+    assert.ok(n > 0 && start > last && start >= offset && start + n <= offset + length, `${what}: hole ${start}+${n}`);
+    last = start + n;
+    inHole.fill(1, start - offset, start - offset + n);
+  }
+  for (let i = 0; i < length; i++) {
+    const want = inHole[i] ? 0xee : expected[offset + i];
+    if (dst[i] !== want) assert.fail(`${what}: byte at ${offset + i} is ${dst[i]}, want ${want}`);
+    if (inHole[i]) assert.equal(expected[offset + i], 0, `${what}: hole at ${offset + i} must read as zero`);
+  }
+}
+
+for (const { name, spec } of layouts) {
+  test(`readSparse: holes and data as block status and read give them (${name})`, async () => {
+    const img = buildImage(spec);
+    const q = await open(img);
+    const want = img.expected();
+    await assertSparse(q, want, 0, spec.size);
+    const r = rng(spec.size + 1);
+    for (let i = 0; i < 100; i++) {
+      const offset = r(spec.size);
+      await assertSparse(q, want, offset, 1 + r(Math.min(spec.size - offset, 4 * img.clusterSize)));
+    }
+  });
+}
+
+test("readSparse: a qcow2 backing chain, its zero clusters and the part past the backing file's end", async () => {
+  const cs = 4096;
+  const base = buildImage({
+    size: 10 * cs,
+    clusterBits: 12,
+    clusters: [
+      { guestCluster: 0, kind: "data", data: pattern(cs, 1) },
+      { guestCluster: 1, kind: "zero" },
+      { guestCluster: 3, kind: "compressed", data: pattern(cs, 2) },
+      { guestCluster: 5, kind: "zero-alloc", data: pattern(cs, 3) },
+      { guestCluster: 9, kind: "data", data: noise(cs, 4) },
+    ],
+  });
+  const top = buildImage({
+    size: 16 * cs,
+    clusterBits: 12,
+    clusters: [
+      { guestCluster: 1, kind: "data", data: noise(cs, 5) },
+      { guestCluster: 2, kind: "zero" },
+      { guestCluster: 4, kind: "data", data: pattern(cs, 6) },
+      { guestCluster: 12, kind: "data", data: pattern(cs, 7) },
+      { guestCluster: 14, kind: "zero" },
+    ],
+  });
+  const backing = await Qcow2Image.open(base.storage("base.qcow2"), { codecs: nodeCodecs });
+  const q = await open(top, backing);
+  const want = top.expected(base.expected());
+  await assertSparse(q, want, 0, q.size);
+  // Reads that start and end inside holes of either layer and across the backing file's end.
+  for (let a = 0; a < q.size; a += cs / 2) {
+    for (const n of [1, cs / 2 + 3, 3 * cs + 5]) await assertSparse(q, want, a, Math.min(n, q.size - a));
+  }
+  // The whole disk: the top's zero cluster 2; the base's zero-alloc cluster 5 and its unallocated
+  // 6..8 as one hole; 10..11 and 13..15 past the base's end (14 a zero cluster of the top).
+  const holes = await q.readSparse(new Uint8Array(16 * cs), 0);
+  assert.deepEqual(holes, [2 * cs, cs, 5 * cs, 4 * cs, 10 * cs, 2 * cs, 13 * cs, 3 * cs]);
+});
+
+test("readSparse: a raw device takes block status and reads (no readSparse of its own)", async () => {
+  const bytes = noise(8192, 3);
+  const raw = await RawImage.open(new MemoryStorage(bytes, { name: "x.raw" }));
+  const dst = new Uint8Array(1000);
+  assert.deepEqual(await readSparse(raw, dst, 100), []);
+  assert.deepEqual(dst, bytes.subarray(100, 1100));
 });
