@@ -133,7 +133,7 @@ export function decodeL2Entry(
       zeroMask: 0,
     };
   }
-  const clusterSize = 2 ** g.clusterBits;
+  const clusterSize = 1 << g.clusterBits; // (at most 2 MiB; `2 **` would call pow() per entry)
   // Bit 0 is the zero flag from v3 on; with extended L2 it is unused, and ignored as QEMU does
   // (iotest 271: the subcluster bitmap says what is zero).
   const reservedLo = g.version < 3 ? 0x1ff : 0x1fe;
@@ -212,13 +212,13 @@ export function decodeCompressed(
 export function encodeCompressed(offset: number, size: number, clusterBits: number): [number, number] {
   const x = 62 - (clusterBits - 8);
   // Out-of-range values would spill into the neighbouring field or the flag bits.
-  if (offset >= 2 ** x) {
+  if (offset >= (1 << (x - 32)) * 0x1_0000_0000) {
     throw unsupported(
       `Compressed cluster offset ${hex(offset)} does not fit in ${x} bits (cluster_bits ${clusterBits})`,
     );
   }
   const sectors = Math.ceil(((offset % 512) + size) / 512) - 1;
-  if (size < 1 || sectors >= 2 ** (clusterBits - 8)) {
+  if (size < 1 || sectors >= 1 << (clusterBits - 8)) {
     throw invalidArgument(
       `Compressed cluster size ${size} at ${hex(offset)} does not fit a ${2 ** clusterBits}-byte cluster descriptor`,
     );
@@ -316,6 +316,10 @@ export function addRefcount64(block: DataView, i: number, delta: number): number
   return getRefcount(block, i, 6);
 }
 
+/** The largest refcount of each refcount_order (64-bit ones as far as numbers are exact). */
+const MAX_REFCOUNT = [1, 3, 15, 255, 65535, 0xffff_ffff, Number.MAX_SAFE_INTEGER];
+
+/** A table, not `2 ** (2 ** order)`: the write path asks on every refcount update, and V8 computes a variable power with a call to pow(). */
 export function maxRefcount(order: number): number {
-  return order >= 6 ? Number.MAX_SAFE_INTEGER : 2 ** (2 ** order) - 1;
+  return MAX_REFCOUNT[Math.min(order, 6)];
 }

@@ -36,7 +36,7 @@ import {
 import { readFull } from "../io/storage.js";
 import { BitmapTracker } from "./bitmaps.js";
 import { Mutex, RangeLocks, Turns } from "./lock.js";
-import { type MetadataLayout, metadataClusters, overlappingMetadata } from "./overlap.js";
+import { type MetadataLayout, metadataClusters, overlappingIn } from "./overlap.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts, type TableMoved } from "./refcount.js";
 import { rebuildRefcounts } from "./repair.js";
@@ -81,7 +81,7 @@ export class Qcow2Writer {
   private closed = false;
   /** Changes whenever metadata may have moved (see checkOverlapInPlace). */
   private layoutVersion = 0;
-  private metaClusters: { key: string; map: Map<number, string> } | undefined;
+  private metaClusters: { stamp: unknown[]; map: ReadonlyMap<number, string> } | undefined;
   /** The header as last written: a failed header write puts memory back to it. */
   private durableHeader: Qcow2Header;
   /** Set once an inconsistency was found: the image is marked corrupt and writes stop. */
@@ -558,7 +558,10 @@ export class Qcow2Writer {
    * the write is refused and the image marked corrupt, instead of a table being overwritten.
    */
   private checkOverlap(offsets: number[]): void {
-    const kind = overlappingMetadata(this.layout(), new Set(offsets.map((o) => Math.floor(o / this.cs))));
+    const kind = overlappingIn(
+      this.metadataClusters(),
+      offsets.map((o) => Math.floor(o / this.cs)),
+    );
     if (kind !== undefined) throw corrupt(`Preventing invalid write on metadata (overlaps with ${kind})`);
   }
 
@@ -586,6 +589,34 @@ export class Qcow2Writer {
    * the layout may have changed (an L1 entry, the header, the refcount table, an exclusive
    * operation).
    */
+  /**
+   * The lookup table of metadata clusters, rebuilt when anything it is made from may have
+   * changed: the layout version (L1 entries, exclusive operations), the refcount table, the
+   * header's tables, the snapshot list and the bitmap directory.
+   */
+  private metadataClusters(): ReadonlyMap<number, string> {
+    const img = this.img;
+    const h = img.header;
+    const r = this.refcounts;
+    const stamp = [
+      this.layoutVersion,
+      r.tableVersion,
+      r.tableOffset,
+      r.tableClusters,
+      h.l1TableOffset,
+      h.l1Size,
+      h.snapshotsOffset,
+      img.l1,
+      img.snapshots,
+      img.extensions.bitmaps,
+    ];
+    const m = this.metaClusters;
+    if (m && m.stamp.every((x, i) => x === stamp[i])) return m.map;
+    const map = metadataClusters(this.layout());
+    this.metaClusters = { stamp, map };
+    return map;
+  }
+
   /** Active L1 entry `index` changed in memory: written back at the next flush. */
   private l1Changed(index: number): void {
     this.l1Dirty.add(index);
@@ -594,9 +625,7 @@ export class Qcow2Writer {
 
   private checkOverlapInPlace(host: number, length: number): void {
     if (this.img.dataFile) return;
-    const key = `${this.layoutVersion}:${this.refcounts.tableVersion}`;
-    if (this.metaClusters?.key !== key) this.metaClusters = { key, map: metadataClusters(this.layout()) };
-    const map = this.metaClusters.map;
+    const map = this.metadataClusters();
     for (let c = Math.floor(host / this.cs); c * this.cs < host + length; c++) {
       const kind = map.get(c);
       if (kind !== undefined) throw corrupt(`Preventing invalid write on metadata (overlaps with ${kind})`);

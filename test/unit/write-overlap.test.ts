@@ -77,3 +77,35 @@ for (const [kind, find] of [
     assert.equal(view(after).getBigUint64(72) & 2n, 2n, "corrupt bit");
   });
 }
+
+// The lookup table of metadata clusters is rebuilt when the layout changes: an L2 table
+// allocated after the first check (here into a cluster a damaged L2 entry also points at) is
+// protected from the next in-place write.
+test("a table allocated after the first overlap check is protected from later in-place writes", async () => {
+  const built = buildImage({
+    size: 4 * 1024 * 1024,
+    clusterBits: 12,
+    clusters: [{ guestCluster: 0, kind: "data", data: pattern(CS, 1) }],
+  });
+  const bytes = built.bytes.slice();
+  // The second cluster past the file (refcount 0): where the write below puts its new L2 table
+  // (asserted below).
+  const free = bytes.length + CS;
+  const l2 = Number(view(bytes).getBigUint64(Number(view(bytes).getBigUint64(40))) & 0xffffffffffffen);
+  // Guest cluster 1 "owns" that free cluster (COPIED set, refcount 0: the damage).
+  view(bytes).setBigUint64(l2 + 8, (1n << 63n) | BigInt(free));
+  const storage = new MemoryStorage(bytes);
+  const img = await Qcow2Image.open(storage, { readOnly: false });
+  // An in-place write builds the table; then a write past the first L2 table's 2 MiB allocates
+  // a new L2 table, which lands in the free cluster.
+  await img.write(new Uint8Array(CS).fill(3), CS);
+  await img.write(new Uint8Array(CS).fill(4), 2 * 1024 * 1024);
+  await img.flush();
+  const l1 = Number(view(storage.bytes()).getBigUint64(40));
+  const entry = view(storage.bytes()).getBigUint64(l1 + 8) & 0xffffffffffffen;
+  assert.equal(Number(entry), free, "the new L2 table is in the free cluster");
+  const table = storage.bytes().slice(free, free + CS);
+  await assert.rejects(img.write(new Uint8Array(CS).fill(9), CS), /overlaps with active L2 table/);
+  await img.close();
+  assert.deepEqual(storage.bytes().slice(free, free + CS), table, "the L2 table was overwritten");
+});
