@@ -611,7 +611,7 @@ export class Qcow2Writer {
       img.extensions.bitmaps,
     ];
     const m = this.metaClusters;
-    if (m && m.stamp.every((x, i) => x === stamp[i])) return m.map;
+    if (m?.stamp.every((x, i) => x === stamp[i])) return m.map;
     const map = metadataClusters(this.layout());
     this.metaClusters = { stamp, map };
     return map;
