@@ -621,14 +621,19 @@ export class Qcow2Image implements BlockDevice {
       const fileLength = await s.size();
       const realClusters = Math.floor((await s.allocatedSize()) / this.clusterSize);
       const threshold = Math.max(Math.floor((realClusters * 10) / 9), realClusters + 2);
-      const refcounts = await Refcounts.open(s, this.header);
       const endCluster = Math.ceil(fileLength / this.clusterSize);
-      let count = 0;
-      for (let i = 0; i < endCluster && count < threshold; i++) {
-        const r = refcounts.get(i); // a number where the block is cached: await only a promise
-        if ((typeof r === "number" ? r : await r) !== 0) count++;
+      // At most every cluster of the file is refcounted: unless the file is much larger than
+      // the blocks it has (preallocated metadata, holes), the threshold is out of reach and
+      // nothing needs counting.
+      if (endCluster >= threshold) {
+        const refcounts = await Refcounts.open(s, this.header);
+        let count = 0;
+        for (let i = 0; i < endCluster && count < threshold; i++) {
+          const r = refcounts.get(i); // a number where the block is cached: await only a promise
+          if ((typeof r === "number" ? r : await r) !== 0) count++;
+        }
+        result = count >= threshold;
       }
-      result = count >= threshold;
     }
     this.preallocationChecked = result;
     return result;
