@@ -412,8 +412,9 @@ export function encodeHeader(h: Qcow2Header, ext: HeaderExtensions, backingName:
     setU64(view(c), 8, ext.crypto.length);
     put(EXT_CRYPTO, c);
   }
-  // The feature-name table is only a help for messages: like QEMU, leave it out when it does
-  // not fit beside everything else (512-byte clusters with a backing file).
+  // The feature-name table is only a help for messages. QEMU (qcow2_update_header) writes it
+  // only with clusters larger than 4 KiB, where it always fits beside everything else; with
+  // smaller ones it would crowd out the backing file name.
   const padded = (n: number): number => 8 + Math.ceil(n / 8) * 8;
   const after =
     (ext.bitmaps ? padded(24) : 0) +
@@ -421,7 +422,7 @@ export function encodeHeader(h: Qcow2Header, ext: HeaderExtensions, backingName:
     8 +
     (backingName !== undefined ? textEncoder.encode(backingName).length : 0);
   const tableFits = at + padded(48 * ext.featureNames.length) + after <= clusterSize;
-  if (h.version === 3 && ext.featureNames.length > 0 && tableFits) {
+  if (h.version === 3 && clusterSize > 4096 && ext.featureNames.length > 0 && tableFits) {
     const t = new Uint8Array(48 * ext.featureNames.length);
     ext.featureNames.forEach((f, i) => {
       t[i * 48] = FEATURE_TYPES.indexOf(f.type);

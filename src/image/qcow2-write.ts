@@ -433,6 +433,14 @@ export class Qcow2Writer {
           if (!k) fresh++;
         }
         await this.meta.run(async () => {
+          // The L2 table before the data, as QEMU (get_cluster_table, then the data clusters):
+          // a new image is laid out table, data, data..., not data, table, data.
+          if (fresh > 0) {
+            const l2 = img.l2Entries;
+            for (let t = Math.floor(c0 / l2); t <= Math.floor((c1 - 1) / l2); t++) {
+              if (img.l1Copied[t] !== 1 || img.l1[t] === 0) await this.ownL2(t);
+            }
+          }
           const base = fresh > 0 ? await this.allocateDataRun(c0, keep, fresh) : [];
           let next = 0;
           for (let i = 0; i < keep.length; i++) hosts.push(keep[i] ? (entries[i] as L2Entry).hostOffset : base[next++]);

@@ -185,6 +185,15 @@ describe("amend: compat", () => {
     const img = await open(v3, true);
     assert.equal(img.header.version, 3);
     assert.ok(img.snapshots.every((s) => s.extra.length >= 16 && s.diskSize === SIZE));
+    // 512-byte clusters: no feature-name table, as QEMU writes none with clusters up to 4 KiB.
+    assert.deepEqual(img.extensions.featureNames, []);
+    await img.close();
+    await assertGood(v3, expected, false);
+  });
+
+  test("v2 -> v3 with 8 KiB clusters writes QEMU's feature-name table", async () => {
+    const b = buildImage({ size: SIZE, version: 2, clusterBits: 13, clusters: [] });
+    const img = await open(await amended(b.bytes, { version: 3 }), true);
     assert.deepEqual(
       img.extensions.featureNames.map((f) => f.name),
       [
@@ -199,7 +208,6 @@ describe("amend: compat", () => {
       ],
     );
     await img.close();
-    await assertGood(v3, expected, false);
   });
 
   test("downgrade refusals leave the image as it was", async () => {
