@@ -13,7 +13,7 @@ export {
   removeBitmap,
   setBitmapEnabled,
 } from "./image/bitmap-ops.js";
-export type { BlockDevice, Extent } from "./image/block-device.js";
+export { type BlockDevice, type Extent, readSparse } from "./image/block-device.js";
 export {
   CheckFailed,
   type CheckOptions,
