@@ -319,7 +319,7 @@ export class Qcow2Writer {
     const jobs: Promise<void>[] = [];
     const allocations: Promise<void>[] = [];
     try {
-      await this.changing(offset, src.length);
+      if (this.bitmaps) await this.changing(offset, src.length); // (an await costs a turn even when there is nothing to do)
       let pos = offset;
       while (pos < end) {
         const gc = Math.floor(pos / cs);
@@ -362,11 +362,18 @@ export class Qcow2Writer {
       await Promise.allSettled(jobs);
       throw e;
     } finally {
-      // Later writes may allocate once this one has (or has nothing to allocate).
-      Promise.all(allocations).then(() => this.turns.done(turn));
+      // Later writes may allocate once this one has (or has nothing to allocate). Most writes
+      // have one part or none to allocate: no Promise.all for them.
+      if (allocations.length === 0) this.turns.done(turn);
+      else if (allocations.length === 1) allocations[0].then(() => this.turns.done(turn));
+      else Promise.all(allocations).then(() => this.turns.done(turn));
     }
-    const failed = (await Promise.allSettled(jobs)).find((r) => r.status === "rejected");
-    if (failed) throw (failed as PromiseRejectedResult).reason;
+    if (jobs.length === 1) {
+      await jobs[0];
+    } else {
+      const failed = (await Promise.allSettled(jobs)).find((r) => r.status === "rejected");
+      if (failed) throw (failed as PromiseRejectedResult).reason;
+    }
     await this.maybeWriteBack();
   }
 

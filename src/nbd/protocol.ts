@@ -119,7 +119,8 @@ export function decodeRequest(b: Buffer): Request | undefined {
     flags: b.readUInt16BE(4),
     type: b.readUInt16BE(6),
     handle: b.readBigUInt64BE(8),
-    offset: Number(b.readBigUInt64BE(16)),
+    // Two halves, not a BigInt: offsets past 2^53 come out inexact, and are refused as past the end.
+    offset: b.readUInt32BE(16) * 0x1_0000_0000 + b.readUInt32BE(20),
     length: b.readUInt32BE(24),
   };
 }

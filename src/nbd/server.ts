@@ -145,6 +145,14 @@ class SocketReader {
     this.serve();
   }
 
+  /** `n` bytes now when they are buffered already (no promise for the common case under load). */
+  takeNow(n: number): Buffer | undefined {
+    if (this.want !== undefined || this.have < n) return undefined;
+    const b = this.consume(n);
+    if (this.have <= P.MAX_PAYLOAD && this.socket.isPaused()) this.socket.resume();
+    return b;
+  }
+
   take(n: number): Promise<Buffer> {
     return new Promise((resolve, reject) => {
       this.want = { n, resolve, reject };
@@ -400,14 +408,14 @@ class Connection {
     for (;;) {
       if (this.busy) await this.slowDown();
       if (this.stopping) return;
-      const h = await this.reader.take(P.REQUEST_HEADER_BYTES);
+      const h = this.reader.takeNow(P.REQUEST_HEADER_BYTES) ?? (await this.reader.take(P.REQUEST_HEADER_BYTES));
       const req = P.decodeRequest(h);
       if (!req) throw new Hangup("bad request magic");
       let payload: Buffer | undefined;
       if (req.type === P.CMD_WRITE) {
         // A payload too large to buffer cannot be skipped safely: the connection ends.
         if (req.length > P.MAX_PAYLOAD) throw new Hangup(`write of ${req.length} bytes exceeds ${P.MAX_PAYLOAD}`);
-        payload = await this.reader.take(req.length);
+        payload = this.reader.takeNow(req.length) ?? (await this.reader.take(req.length));
       }
       if (req.type === P.CMD_DISC) return;
       // Reads and writes hold their data until answered: count it, so that memory stays bounded.
