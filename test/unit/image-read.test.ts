@@ -479,3 +479,36 @@ test("readSparse: a raw device takes block status and reads (no readSparse of it
   assert.deepEqual(await readSparse(raw, dst, 100), []);
   assert.deepEqual(dst, bytes.subarray(100, 1100));
 });
+
+test("readSparse: extended L2 subclusters, alone and over a backing file with holes", async () => {
+  const spec = extendedSpec();
+  const img = buildImage(spec);
+  const alone = await open(img);
+  const wantAlone = img.expected();
+  // A backing file half as long, with a hole in its middle (MemoryStorage reports none, so a
+  // qcow2 backing file with zero clusters stands in for one).
+  const cs = 16384;
+  const base = buildImage({
+    size: 6 * cs,
+    clusterBits: 14,
+    clusters: [
+      { guestCluster: 0, kind: "data", data: noise(cs, 11) },
+      { guestCluster: 1, kind: "zero" },
+      { guestCluster: 4, kind: "data", data: noise(cs, 12) },
+    ],
+  });
+  const backing = await Qcow2Image.open(base.storage("base.qcow2"), { codecs: nodeCodecs });
+  const over = await open(buildImage(spec), backing);
+  const wantOver = img.expected(base.expected());
+  const r = rng(11);
+  for (const [q, want] of [
+    [alone, wantAlone],
+    [over, wantOver],
+  ] as const) {
+    await assertSparse(q, want, 0, spec.size);
+    for (let i = 0; i < 200; i++) {
+      const offset = r(spec.size);
+      await assertSparse(q, want, offset, 1 + r(Math.min(spec.size - offset, 3 * cs)));
+    }
+  }
+});
