@@ -164,14 +164,15 @@ export class Refcounts {
   /**
    * Allocates `n` (at most `maxRun`) contiguous free clusters and gives each refcount 1.
    * Returns the host offset. Clusters past the end of the refcount structures are free; the
-   * structures grow to cover them. A new refcount block sits in the first cluster of the range it
-   * covers, so fresh space has free runs of blockEntries - 1 clusters: hence `maxRun`.
+   * structures grow to cover them, where QEMU grows them (qcow2_alloc_clusters and
+   * alloc_refcount_block), so that a new image is laid out as QEMU lays it out: where the run
+   * reaches a range without a refcount block, a new block goes into the first free cluster
+   * after the run and the search starts again at the run's start.
    */
   async allocate(n: number, onTableMoved: TableMoved): Promise<number> {
     if (n > this.maxRun) throw new RangeError(`allocate(${n}) exceeds ${this.maxRun} clusters`);
-    let from = this.freeHint;
     for (;;) {
-      let start = from;
+      let start = this.freeHint;
       // Lookups of cached blocks answer without waiting: `await` only on a promise (an await of
       // a plain number still costs a promise and a turn of the microtask queue, per cluster).
       for (;;) {
@@ -184,14 +185,9 @@ export class Refcounts {
         if (run === n) break;
         start += run + 1;
       }
-      if (!this.covered(start) || !this.covered(start + n - 1)) await this.coverClusters(start, n, onTableMoved);
-      // Covering may have placed new refcount blocks inside the range: look again past them.
-      let clash = -1;
-      for (let i = 0; i < n; i++) {
-        const r = this.get(start + i);
-        if ((typeof r === "number" ? r : await r) !== 0) clash = i;
-      }
-      if (clash < 0) {
+      let k = 0;
+      while (k < n && this.covered(start + k)) k++;
+      if (k === n) {
         for (let i = 0; i < n; i++) {
           const v = this.update(start + i, 1, onTableMoved);
           if (typeof v !== "number") await v;
@@ -199,8 +195,50 @@ export class Refcounts {
         this.freeHint = start + n;
         return start * this.clusterSize;
       }
-      from = start + clash + 1;
+      const t = Math.floor((start + k) / this.blockEntries);
+      if (t >= this.table.length) {
+        // The table must grow first: its new area (growTable) holds the blocks.
+        await this.coverClusters(start + k, 1, onTableMoved);
+        continue;
+      }
+      await this.placeBlock(t, start + n, onTableMoved);
+      // QEMU's update_refcount on -EAGAIN: "try the same ones first".
+      this.freeHint = start;
     }
+  }
+
+  /**
+   * A new refcount block for range `t` in the first free cluster from `from` on. A block in its own range counts itself; one in another range is counted there
+   * (durably, before the table points at it).
+   */
+  private async placeBlock(t: number, from: number, onTableMoved: TableMoved): Promise<void> {
+    let p = from;
+    for (;;) {
+      const r = this.get(p);
+      if ((typeof r === "number" ? r : await r) === 0) break;
+      p++;
+    }
+    const be = this.blockEntries;
+    const block = view(new Uint8Array(this.clusterSize));
+    if (Math.floor(p / be) === t) {
+      setRefcount(block, p % be, this.order, 1);
+    } else {
+      if (!this.covered(p)) {
+        // Its range has no block either (a run that ended at a range's end): that one first,
+        // our way, and look again (it may have taken cluster p).
+        await this.coverClusters(p, 1, onTableMoved);
+        await this.placeBlock(t, from, onTableMoved);
+        return;
+      }
+      await this.update(p, 1, onTableMoved);
+      await this.writeBack();
+    }
+    const offset = p * this.clusterSize;
+    await this.storage.write(new Uint8Array(block.buffer), offset);
+    await this.storage.flush();
+    await this.writeTableEntry(t, offset);
+    await this.storage.flush();
+    this.blocks.put(offset, block);
   }
 
   /** Allocates `n` clusters in as few contiguous runs as `maxRun` allows; one offset each. */

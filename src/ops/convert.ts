@@ -224,7 +224,10 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     // The part the previous range's last chunk already copied.
     if (copiedTo > r.start) advance(Math.min(copiedTo, rangeEnd) - r.start);
     while (at < end) {
-      const n = Math.min(chunkSize - (at % chunkSize), end - at);
+      // Chunks run on from the range's start, as qemu-img's do (not from multiples of the chunk
+      // size): a new image's clusters, and the refcount blocks placed after them, land where
+      // qemu-img puts them.
+      const n = Math.min(chunkSize, end - at);
       const from = at;
       const counted = Math.max(0, Math.min(from + n, rangeEnd) - Math.max(from, r.start));
       await pool.add(() => copyChunk(from, n, counted));

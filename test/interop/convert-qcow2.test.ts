@@ -4,9 +4,9 @@
  * order with each L2 table just before the first data it maps; so must qcowkit (the host
  * layout shows in `qemu-img map` and in check's fragmentation figure).
  *
- * The sources stay within the host space the first refcount block covers: where a new refcount
- * block is needed, qcowkit puts it in the first cluster of the range it covers, QEMU in the
- * first free cluster after the allocation that needed it, and the layouts part there.
+ * With small clusters the image outgrows its first refcount blocks: each new one must sit where
+ * QEMU puts it (after the allocation that reached its range). Only a refcount table that must
+ * grow is laid out differently (not reached here: 64 KiB clusters grow it past 16 TiB).
  */
 import assert from "node:assert/strict";
 import * as fs from "node:fs/promises";
@@ -42,6 +42,8 @@ async function makeSource(file: string, size: number): Promise<void> {
 const CASES: { name: string; options: string[] }[] = [
   { name: "default options (64 KiB clusters)", options: [] },
   { name: "4 KiB clusters (an L2 table maps 2 MiB)", options: ["-o", "cluster_size=4k"] },
+  { name: "2 KiB clusters (a refcount block covers 2 MiB)", options: ["-o", "cluster_size=2k"] },
+  { name: "512-byte clusters (a refcount block covers 128 KiB)", options: ["-o", "cluster_size=512"] },
   {
     name: "8 KiB clusters, zstd, 64-bit refcounts",
     options: ["-o", "cluster_size=8k,compression_type=zstd,refcount_bits=64"],
@@ -65,9 +67,9 @@ describe("convert -O qcow2 writes the file qemu-img writes", () => {
       assertCleanExit(r, 0, `qcowkit convert ${c.options.join(" ")}`);
       const [qm, km] = await Promise.all([qemuImg(["map", expected]), qemuImg(["map", actual])]);
       assert.equal(km.stdout.replaceAll("qcowkit.qcow2", "X"), qm.stdout.replaceAll("qemu.qcow2", "X"), "qemu-img map");
-      const check = await qemuImg(["check", actual]);
-      assert.equal(check.code, 0, `qemu-img check: ${check.stdout}${check.stderr}`);
-      assert.match(check.stdout, / 0\.00% fragmented/);
+      const [qc, kc] = await Promise.all([qemuImg(["check", expected]), qemuImg(["check", actual])]);
+      assert.equal(kc.code, 0, `qemu-img check: ${kc.stdout}${kc.stderr}`);
+      assert.equal(kc.stdout, qc.stdout, "qemu-img check (allocation and fragmentation figures)");
       const d = await diffFiles(expected, actual);
       if (d !== undefined) {
         assert.fail(`differs from qemu-img's output at ${d.offset}\n  expected ${d.expected}\n  actual   ${d.actual}`);
