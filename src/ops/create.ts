@@ -144,7 +144,8 @@ export async function writeEmptyQcow2(storage: Storage, opts: Qcow2CreateOptions
     size: o.size,
     cryptMethod: 0,
     l1Size,
-    l1TableOffset: (1 + tableClusters + blocks) * cs,
+    // An empty image has no L1 table, and QEMU then leaves the offset 0.
+    l1TableOffset: l1Size === 0 ? 0 : (1 + tableClusters + blocks) * cs,
     refcountTableOffset: cs,
     refcountTableClusters: tableClusters,
     nbSnapshots: 0,
@@ -175,6 +176,8 @@ export async function writeEmptyQcow2(storage: Storage, opts: Qcow2CreateOptions
       if (cluster < total) setRefcount(block, i, refcountOrder, 1);
     }
   }
-  await storage.write(image, 0);
+  // The file ends with the L1 table's last entry, as qemu-img's does (the rest of its cluster
+  // is counted, and reads as zeros).
+  await storage.write(image.subarray(0, (1 + tableClusters + blocks) * cs + l1Size * 8), 0);
   await storage.flush();
 }
