@@ -86,6 +86,7 @@ export class Qcow2Writer {
   /** Changes whenever metadata may have moved (see checkOverlapInPlace). */
   private layoutVersion = 0;
   private metaClusters: { stamp: unknown[]; map: ReadonlyMap<number, string> } | undefined;
+  private readonly stampNow: unknown[] = new Array(10);
   /** The header as last written: a failed header write puts memory back to it. */
   private durableHeader: Qcow2Header;
   /** Set once an inconsistency was found: the image is marked corrupt and writes stop. */
@@ -636,22 +637,26 @@ export class Qcow2Writer {
     const img = this.img;
     const h = img.header;
     const r = this.refcounts;
-    const stamp = [
-      this.layoutVersion,
-      r.tableVersion,
-      r.tableOffset,
-      r.tableClusters,
-      h.l1TableOffset,
-      h.l1Size,
-      h.snapshotsOffset,
-      img.l1,
-      img.snapshots,
-      img.extensions.bitmaps,
-    ];
+    // Filled in place and compared entry by entry: every in-place write asks, so no array per call.
+    const now = this.stampNow;
+    now[0] = this.layoutVersion;
+    now[1] = r.tableVersion;
+    now[2] = r.tableOffset;
+    now[3] = r.tableClusters;
+    now[4] = h.l1TableOffset;
+    now[5] = h.l1Size;
+    now[6] = h.snapshotsOffset;
+    now[7] = img.l1;
+    now[8] = img.snapshots;
+    now[9] = img.extensions.bitmaps;
     const m = this.metaClusters;
-    if (m?.stamp.every((x, i) => x === stamp[i])) return m.map;
+    if (m) {
+      let same = true;
+      for (let i = 0; i < now.length && same; i++) same = m.stamp[i] === now[i];
+      if (same) return m.map;
+    }
     const map = metadataClusters(this.layout());
-    this.metaClusters = { stamp, map };
+    this.metaClusters = { stamp: now.slice(), map };
     return map;
   }
 

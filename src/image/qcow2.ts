@@ -459,7 +459,7 @@ export class Qcow2Image implements BlockDevice {
     try {
       const jobs: Promise<void>[] = [];
       // The backing file's holes arrive out of order: merged in at the end.
-      const backingHoles: number[][] = [];
+      let backingHoles: number[][] | undefined;
       let pos = offset;
       const end = offset + dst.length;
       while (pos < end) {
@@ -483,7 +483,8 @@ export class Qcow2Image implements BlockDevice {
           const inBacking = b ? Math.max(0, Math.min(part.length, b.size - pos)) : 0;
           if (b && inBacking > 0) {
             const list: number[] = [];
-            backingHoles.push(list);
+            if (backingHoles === undefined) backingHoles = [list];
+            else backingHoles.push(list);
             jobs.push(
               readSparse(b, part.subarray(0, inBacking), pos).then((h) => {
                 list.push(...h);
@@ -495,7 +496,7 @@ export class Qcow2Image implements BlockDevice {
         pos += run.length;
       }
       await Promise.all(jobs);
-      if (holes && backingHoles.length > 0) mergeHoles(holes, backingHoles);
+      if (holes && backingHoles) mergeHoles(holes, backingHoles);
     } finally {
       this.writer?.endIo();
     }

@@ -147,10 +147,7 @@ class SocketReader {
 
   /** `n` bytes now when they are buffered already (no promise for the common case under load). */
   takeNow(n: number): Buffer | undefined {
-    if (this.want !== undefined || this.have < n) return undefined;
-    const b = this.consume(n);
-    if (this.have <= P.MAX_PAYLOAD && this.socket.isPaused()) this.socket.resume();
-    return b;
+    return this.want === undefined && this.have >= n ? this.taken(n) : undefined;
   }
 
   take(n: number): Promise<Buffer> {
@@ -165,14 +162,20 @@ class SocketReader {
     if (!w) return;
     if (this.have >= w.n) {
       this.want = undefined;
-      w.resolve(this.consume(w.n));
-      if (this.have <= P.MAX_PAYLOAD && this.socket.isPaused()) this.socket.resume();
+      w.resolve(this.taken(w.n));
     } else if (this.closed) {
       this.want = undefined;
       w.reject(this.closed);
     } else if (this.socket.isPaused()) {
       this.socket.resume();
     }
+  }
+
+  /** `n` buffered bytes; reading resumes once what is left is small enough. */
+  private taken(n: number): Buffer {
+    const b = this.consume(n);
+    if (this.have <= P.MAX_PAYLOAD && this.socket.isPaused()) this.socket.resume();
+    return b;
   }
 
   private consume(n: number): Buffer {
