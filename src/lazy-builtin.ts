@@ -1,6 +1,7 @@
 /**
- * Node's own modules that only some commands need (zlib, worker threads, net, http), loaded on
- * first use: each costs 1.5 to 5 ms of start-up, which `info` and `check` would pay for nothing.
+ * Node's own modules that only some commands need (zlib, worker threads, net, http, v8,
+ * fs/promises), loaded on first use: each costs 1.5 to 5 ms of start-up, which `info` and
+ * `check` would pay for nothing.
  */
 import { createRequire } from "node:module";
 

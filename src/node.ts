@@ -2,7 +2,7 @@
  * qcowkit/node: the Node.js parts — local files as Storage, the native codecs, and opening
  * images by path.
  */
-import { realpath } from "node:fs/promises";
+import { realpathSync } from "node:fs";
 import { nodeCodecs } from "./codec/node.js";
 import { QcowError } from "./errors.js";
 import { type Image, type OpenImageOptions, openImage } from "./image/open.js";
@@ -22,7 +22,7 @@ export const fileOpener: StorageOpener = {
   async identity(name) {
     if (isHttpUrl(name)) return httpOpener.identity(name);
     try {
-      return await realpath(name);
+      return realpathSync.native(name);
     } catch {
       return name;
     }

@@ -4,7 +4,7 @@
  * file, at their absolute paths, with range requests — and printed as links that open them.
  */
 import { createReadStream } from "node:fs";
-import { stat } from "node:fs/promises";
+import type * as FsPromises from "node:fs/promises";
 import type * as Http from "node:http";
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
@@ -20,6 +20,8 @@ import { ExitError } from "./exit.js";
 import { stdout } from "./output.js";
 
 const http = lazyBuiltin<typeof Http>("node:http");
+const fsp = lazyBuiltin<typeof FsPromises>("node:fs/promises");
+const stat = (file: string) => fsp().stat(file);
 
 const DIST = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
 

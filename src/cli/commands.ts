@@ -1,5 +1,5 @@
 /** The subcommands: each parses qemu-img's flags and prints qemu-img's output. */
-import { rm } from "node:fs/promises";
+import { rmSync } from "node:fs";
 import type { ParseArgsConfig } from "node:util";
 import { ClusterCompressor } from "../codec/compressor.js";
 import { invalidArgument } from "../errors.js";
@@ -295,7 +295,13 @@ const convertCmd: Command = {
       out = undefined;
     } catch (e) {
       await out?.close().catch(() => {});
-      if (created) await rm(target, { force: true }).catch(() => {});
+      if (created) {
+        try {
+          rmSync(target, { force: true });
+        } catch {
+          // The error that stopped the command is the one to report.
+        }
+      }
       throw e;
     } finally {
       await Promise.all(sources.map((s) => s.close()));

@@ -1,5 +1,5 @@
 /** `qcowkit create`: qemu-img create's options, its "Formatting ..." line and its refusals. */
-import { rm } from "node:fs/promises";
+import { rmSync } from "node:fs";
 import { invalidArgument, QcowError } from "../errors.js";
 import { OpenError } from "../image/open.js";
 import type { Qcow2Image } from "../image/qcow2.js";
@@ -192,7 +192,7 @@ async function createQcow2(
     await writeEmptyQcow2(storage, checked);
   } catch (e) {
     await storage.close();
-    await rm(file, { force: true });
+    rmSync(file, { force: true });
     throw e;
   }
   await storage.close();

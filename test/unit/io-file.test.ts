@@ -126,3 +126,41 @@ test("FileStorage: a failed write, small or large, is reported with the file and
     );
   }
 });
+
+test("FileStorage: a second close does nothing (a descriptor reused by another open stays open)", async () => {
+  const file = path.join(dir, "close.bin");
+  writeFileSync(file, noise(8192, 3));
+  const a = await FileStorage.open(file);
+  await a.close();
+  const b = await FileStorage.open(file); // may get a's descriptor number
+  try {
+    await a.close();
+    const dst = new Uint8Array(8192);
+    assert.equal(await b.read(dst, 0), 8192);
+    assert.deepEqual(dst, new Uint8Array(readFileSync(file)));
+    assert.equal(await b.size(), 8192);
+  } finally {
+    await b.close();
+  }
+});
+
+test("FileStorage: size, truncate and flush on the descriptor; a missing file is a clear error", async () => {
+  const file = path.join(dir, "trunc.bin");
+  writeFileSync(file, noise(10000, 4));
+  const s = await FileStorage.open(file, { readOnly: false });
+  try {
+    assert.equal(await s.size(), 10000);
+    await s.truncate(1 << 20);
+    await s.flush();
+    assert.equal(await s.size(), 1 << 20);
+    assert.equal(statSync(file).size, 1 << 20);
+    assert.ok((await s.allocatedSize()) < 1 << 20, "the grown part is a hole");
+  } finally {
+    await s.close();
+  }
+  await assert.rejects(FileStorage.open(path.join(dir, "none.bin")), (e: unknown) => {
+    assert.ok(e instanceof QcowError);
+    assert.equal(e.message, `Could not open '${path.join(dir, "none.bin")}': No such file or directory`);
+    return true;
+  });
+});
