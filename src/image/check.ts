@@ -46,6 +46,7 @@ import type { Storage } from "../io/storage.js";
 import { checkSnapshotTable, rewriteSnapshotTable, type SnapshotTableCheck } from "./check-snapshots.js";
 import { type MetadataLayout, overlappingMetadata } from "./overlap.js";
 import { Qcow2Image, readBitmapDirectory } from "./qcow2.js";
+import { entriesInUse, sameBytes } from "./zero.js";
 
 /** What a check may repair (QEMU's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS). */
 export const FIX_LEAKS = 1;
@@ -138,6 +139,8 @@ class OnDiskRefcounts {
     private readonly c: Checker,
     readonly tableHi: Uint32Array,
     readonly tableLo: Uint32Array,
+    /** Entries up to the last that is not zero: the rest have no refcount block. */
+    readonly used: number,
   ) {}
 
   get entries(): number {
@@ -316,6 +319,13 @@ function scanRefcounts(
 ): number {
   const counts = refs.counts;
   const clusters = refs.clusters;
+  // In bulk from the block's start only: after a difference the loop goes on, so that a block
+  // with many differences is not compared again from each one.
+  if (order === 4 && block !== null && i === first && end <= clusters && sameRefcounts16(block, 0, counts, i, end)) {
+    const inUse = entriesInUse(new Uint8Array(block.buffer, block.byteOffset + (i - first) * 2, (end - i) * 2), 2);
+    if (inUse > 0) st.highest = i + inUse - 1;
+    return end;
+  }
   let highest = st.highest;
   for (; i < end; i++) {
     const r1 = block === null ? 0 : getRefcount(block, i - first, order);
@@ -325,6 +335,25 @@ function scanRefcounts(
   }
   st.highest = highest;
   return i;
+}
+
+type Swappable = { from(b: ArrayBuffer): { swap16(): unknown } };
+const NodeBuffer = (globalThis as { Buffer?: Swappable }).Buffer;
+const littleEndian = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+/**
+ * Whether the 16-bit refcounts of `block` from entry `at` are `counts[i..end)`, in bulk: the
+ * counts narrowed to 16 bits and turned big-endian by native code, then compared as bytes
+ * (qemu-img's default width; ~10x faster than scanRefcounts' loop, which V8 runs interpreted
+ * for an image of a few thousand clusters). False where it cannot tell (no Buffer, as in a
+ * browser): then the loop decides. Counts never exceed the width's maximum (see inc).
+ */
+function sameRefcounts16(block: DataView, at: number, counts: Uint32Array, i: number, end: number): boolean {
+  if (!NodeBuffer || end <= i) return false;
+  const expect = new Uint16Array(counts.subarray(i, end));
+  if (littleEndian) NodeBuffer.from(expect.buffer).swap16();
+  const stored = new Uint8Array(block.buffer, block.byteOffset + at * 2, (end - i) * 2);
+  return sameBytes(stored, new Uint8Array(expect.buffer));
 }
 
 const CHECK_FRAG_INFO = 1;
@@ -404,14 +433,17 @@ class Checker {
 
   async loadRefcountTable(): Promise<void> {
     const entries = (this.h.refcountTableClusters * this.cs) / 8;
-    const dv = view(await this.read(this.h.refcountTableOffset, entries * 8));
+    const bytes = await this.read(this.h.refcountTableOffset, entries * 8);
+    const dv = view(bytes);
     const hi = new Uint32Array(entries);
     const lo = new Uint32Array(entries);
-    for (let i = 0; i < entries; i++) {
+    // Entries past the last one in use are zero, as the arrays start.
+    const used = entriesInUse(bytes, 8);
+    for (let i = 0; i < used; i++) {
       hi[i] = dv.getUint32(i * 8);
       lo[i] = dv.getUint32(i * 8 + 4);
     }
-    this.disk = new OnDiskRefcounts(this, hi, lo);
+    this.disk = new OnDiskRefcounts(this, hi, lo, used);
   }
 
   /** Counts one reference to every cluster of [offset, offset+size) (qcow2_inc_refcounts_imrt). */
@@ -615,7 +647,7 @@ class Checker {
   checkRefblocks(refs: ReferenceArray, fix: number): boolean {
     let rebuild = false;
     const d = this.disk;
-    for (let i = 0; i < d.entries; i++) {
+    for (let i = 0; i < d.used; i++) {
       if ((d.tableLo[i] & REFT_RESERVED_LO) !== 0) {
         this.log(`ERROR refcount table entry ${i} has reserved bits set`);
         this.res.corruptions++;
@@ -928,9 +960,9 @@ class Checker {
   /** What the overlap check of repair writes compares with (the layout as found). */
   metadataLayout(activeL2: number[]): MetadataLayout {
     const blocks: number[] = [];
-    for (let t = 0; t < this.disk.entries; t++) {
+    for (let t = 0; t < this.disk.used; t++) {
       const o = this.disk.blockOffset(t);
-      if (o % this.cs === 0 && o < this.fileSize) blocks.push(o);
+      if (o !== 0 && o % this.cs === 0 && o < this.fileSize) blocks.push(o);
     }
     return {
       clusterSize: this.cs,

@@ -36,3 +36,29 @@ export function isZeroPortable(buf: Uint8Array): boolean {
   for (; i < n; i++) if (buf[i] !== 0) return false;
   return true;
 }
+
+/**
+ * How many `unit`-byte entries of `buf` remain once its trailing all-zero entries are left out:
+ * a table's used length (refcount tables are mostly zeros past their first entries). Looks
+ * back 4 KiB at a time with `isZero`, then byte by byte in the last block that is not zero.
+ */
+export function entriesInUse(buf: Uint8Array, unit: number): number {
+  const step = 4096 - (4096 % unit);
+  let end = buf.length;
+  while (end > 0) {
+    const from = Math.max(0, end - step);
+    if (!isZero(buf.subarray(from, end))) break;
+    end = from;
+  }
+  let i = end - 1;
+  while (i >= 0 && buf[i] === 0) i--;
+  return Math.ceil((i + 1) / unit);
+}
+
+/** Whether `a` and `b` hold the same bytes (a native memcmp under Node.js). */
+export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  if (a.length !== b.length) return false;
+  if (compare) return compare(a, b) === 0;
+  for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
+  return true;
+}

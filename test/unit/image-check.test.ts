@@ -112,6 +112,41 @@ test("leaked clusters are found, and -r leaks frees them", async () => {
   assert.deepEqual(await contents(s), before);
 });
 
+test("refcounts that differ at a block's first, a middle and its last cluster are each found (16-bit refcounts, compared in bulk)", async () => {
+  const img = sample();
+  const s = img.storage();
+  const n = (await s.size()) / CS;
+  const { rb0, e0 } = await layout(s);
+  const data = OFFSET(e0) / CS; // the first data cluster, referenced once
+  const set = (cluster: number, refcount: number) =>
+    s.write(new Uint8Array([refcount >> 8, refcount & 255]), rb0 + 2 * cluster);
+  await set(0, 2);
+  await set(data, 0);
+  await set(n - 1, 3);
+  const { r, lines } = await check(s);
+  assert.deepEqual(lines, [
+    "Leaked cluster 0 refcount=2 reference=1",
+    `ERROR cluster ${data} refcount=0 reference=1`,
+    `Leaked cluster ${n - 1} refcount=3 reference=1`,
+    // The COPIED check then reads the refcount on disk, as QEMU's.
+    `ERROR OFLAG_COPIED data cluster: l2_entry=${(COPIED | BigInt(data * CS)).toString(16)} refcount=0`,
+  ]);
+  assert.equal(r.leaks, 2);
+  assert.equal(r.corruptions, 2);
+});
+
+test("clusters past the last one in use, without refcounts, are not in the image end offset", async () => {
+  for (const refcountOrder of [4, 0, 6]) {
+    const img = sample({ refcountOrder });
+    const s = img.storage();
+    const end = await s.size();
+    await s.write(new Uint8Array(3 * CS), end); // zeros nobody references, refcount 0: not leaks
+    const { r, lines } = await check(s);
+    assert.deepEqual(lines, [], `refcount order ${refcountOrder}`);
+    assert.equal(r.imageEndOffset, Math.ceil(end / CS) * CS, `refcount order ${refcountOrder}`);
+  }
+});
+
 test("a refcount too low: -r leaks cannot fix it, -r all can", async () => {
   const img = sample();
   const s = img.storage();

@@ -1,7 +1,7 @@
 /** isZero: bulk zero detection, on subarrays at every alignment; Node's memcmp path and the portable loop. */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { isZeroPortable, isZero as nodeIsZero } from "../../src/image/zero.js";
+import { entriesInUse, isZeroPortable, isZero as nodeIsZero, sameBytes } from "../../src/image/zero.js";
 
 for (const [name, isZero] of [
   ["isZero", nodeIsZero],
@@ -58,3 +58,33 @@ for (const [name, isZero] of [
     }
   });
 }
+
+test("entriesInUse: the entries up to the last one with a byte set, for tables of every size", () => {
+  for (const unit of [1, 2, 8]) {
+    for (const entries of [0, 1, 3, 511, 512, 513, 8192, 8195]) {
+      const table = new Uint8Array(entries * unit);
+      assert.equal(entriesInUse(table, unit), 0, `empty, ${entries} x ${unit}`);
+      for (const e of [0, 1, entries >> 1, 511, 512, 4095, entries - 1]) {
+        if (e < 0 || e >= entries) continue;
+        for (const byte of [0, unit - 1]) {
+          table.fill(0);
+          table[e * unit + byte] = 1;
+          if (e > 2) table[unit] = 9; // an earlier entry in use does not change the answer
+          assert.equal(entriesInUse(table, unit), e + 1, `entry ${e} byte ${byte}, ${entries} x ${unit}`);
+        }
+      }
+    }
+  }
+});
+
+test("sameBytes: equal and unequal contents, lengths and subarrays", () => {
+  const a = new Uint8Array(70_000).map((_, i) => i * 7);
+  const b = a.slice();
+  assert.equal(sameBytes(a, b), true);
+  assert.equal(sameBytes(a.subarray(5, 900), b.subarray(5, 900)), true);
+  assert.equal(sameBytes(a.subarray(0, 10), b.subarray(0, 11)), false);
+  b[69_999] ^= 1;
+  assert.equal(sameBytes(a, b), false);
+  assert.equal(sameBytes(a.subarray(0, 69_999), b.subarray(0, 69_999)), true);
+  assert.equal(sameBytes(new Uint8Array(0), new Uint8Array(0)), true);
+});
