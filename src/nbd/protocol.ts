@@ -106,22 +106,42 @@ export const REQUEST_HEADER_BYTES = 28;
 export interface Request {
   flags: number;
   type: number;
-  /** The client's cookie (handle), echoed in the reply. */
-  handle: bigint;
+  /** The client's cookie (handle), echoed in the reply: its two 32-bit halves. */
+  handleHi: number;
+  handleLo: number;
   offset: number;
   length: number;
 }
 
+/** The big-endian 32-bit value at `at`. */
+function get32(b: Uint8Array, at: number): number {
+  return b[at] * 0x100_0000 + ((b[at + 1] << 16) | (b[at + 2] << 8) | b[at + 3]);
+}
+
+/**
+ * Stores `v` (0 to 2^32 - 1) big-endian at `at`. Byte stores rather than Buffer's
+ * writeUInt32BE / writeBigUInt64BE: every reply header is written with these, and V8
+ * optimises a few stores into much less code than Buffer's checked methods (the server's
+ * largest optimised function took ~40 ms to compile before).
+ */
+export function put32(b: Uint8Array, at: number, v: number): void {
+  b[at] = v >>> 24;
+  b[at + 1] = v >>> 16;
+  b[at + 2] = v >>> 8;
+  b[at + 3] = v;
+}
+
 /** Decodes a request header; undefined when the magic is wrong. */
 export function decodeRequest(b: Buffer): Request | undefined {
-  if (b.readUInt32BE(0) !== REQUEST_MAGIC) return undefined;
+  if (get32(b, 0) !== REQUEST_MAGIC) return undefined;
   return {
-    flags: b.readUInt16BE(4),
-    type: b.readUInt16BE(6),
-    handle: b.readBigUInt64BE(8),
+    flags: (b[4] << 8) | b[5],
+    type: (b[6] << 8) | b[7],
+    handleHi: get32(b, 8),
+    handleLo: get32(b, 12),
     // Two halves, not a BigInt: offsets past 2^53 come out inexact, and are refused as past the end.
-    offset: b.readUInt32BE(16) * 0x1_0000_0000 + b.readUInt32BE(20),
-    length: b.readUInt32BE(24),
+    offset: get32(b, 16) * 0x1_0000_0000 + get32(b, 20),
+    length: get32(b, 24),
   };
 }
 
@@ -143,35 +163,42 @@ export function optionReply(option: number, type: number, data: Uint8Array = new
   return b;
 }
 
-export function simpleReply(error: number, handle: bigint): Buffer {
-  const b = Buffer.alloc(16);
-  b.writeUInt32BE(SIMPLE_REPLY_MAGIC, 0);
-  b.writeUInt32BE(error, 4);
-  b.writeBigUInt64BE(handle, 8);
+/** The cookie of the request a reply answers. */
+export type Cookie = Pick<Request, "handleHi" | "handleLo">;
+
+export function simpleReply(error: number, req: Cookie): Buffer {
+  const b = Buffer.allocUnsafe(16); // every byte is written
+  put32(b, 0, SIMPLE_REPLY_MAGIC);
+  put32(b, 4, error);
+  put32(b, 8, req.handleHi);
+  put32(b, 12, req.handleLo);
   return b;
 }
 
 /** A structured reply chunk header for a payload of `length` bytes. */
-export function chunkHeader(flags: number, type: number, handle: bigint, length: number): Buffer {
-  const b = Buffer.alloc(20);
-  writeChunkHeader(b, flags, type, handle, length);
+export function chunkHeader(flags: number, type: number, req: Cookie, length: number): Buffer {
+  const b = Buffer.allocUnsafe(20); // every byte is written
+  writeChunkHeader(b, flags, type, req, length);
   return b;
 }
 
 /** Writes a structured reply chunk header into the first 20 bytes of `b`. */
-export function writeChunkHeader(b: Buffer, flags: number, type: number, handle: bigint, length: number): void {
-  b.writeUInt32BE(STRUCTURED_REPLY_MAGIC, 0);
-  b.writeUInt16BE(flags, 4);
-  b.writeUInt16BE(type, 6);
-  b.writeBigUInt64BE(handle, 8);
-  b.writeUInt32BE(length, 16);
+export function writeChunkHeader(b: Uint8Array, flags: number, type: number, req: Cookie, length: number): void {
+  put32(b, 0, STRUCTURED_REPLY_MAGIC);
+  b[4] = flags >>> 8;
+  b[5] = flags;
+  b[6] = type >>> 8;
+  b[7] = type;
+  put32(b, 8, req.handleHi);
+  put32(b, 12, req.handleLo);
+  put32(b, 16, length);
 }
 
-export function errorChunk(handle: bigint, error: number, message: string): Buffer {
+export function errorChunk(req: Cookie, error: number, message: string): Buffer {
   const msg = Buffer.from(message.slice(0, 1024), "utf8");
   const b = Buffer.alloc(6 + msg.length);
   b.writeUInt32BE(error, 0);
   b.writeUInt16BE(msg.length, 4);
   msg.copy(b, 6);
-  return Buffer.concat([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, handle, b.length), b]);
+  return Buffer.concat([chunkHeader(REPLY_FLAG_DONE, REPLY_TYPE_ERROR, req, b.length), b]);
 }

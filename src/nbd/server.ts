@@ -475,9 +475,9 @@ class Connection {
   }
 
   private done(req: P.Request, error: number, message = ""): void {
-    if (!this.structured) this.send(P.simpleReply(error, req.handle));
-    else if (error) this.send(P.errorChunk(req.handle, error, message));
-    else this.send(P.chunkHeader(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, req.handle, 0));
+    if (!this.structured) this.send(P.simpleReply(error, req));
+    else if (error) this.send(P.errorChunk(req, error, message));
+    else this.send(P.chunkHeader(P.REPLY_FLAG_DONE, P.REPLY_TYPE_NONE, req, 0));
   }
 
   /** Answers one request (never rejects); `bytes` is what it counted in inflightBytes. */
@@ -568,7 +568,7 @@ class Connection {
       if (!this.structured) {
         await dev.read(buf, req.offset);
         handedOver = true;
-        this.sendAll([P.simpleReply(0, req.handle), buf], () => readBuffers.give(pooled));
+        this.sendAll([P.simpleReply(0, req), buf], () => readBuffers.give(pooled));
         return;
       }
       handedOver = await this.sendSparse(req, buf, () => readBuffers.give(pooled));
@@ -597,13 +597,13 @@ class Connection {
       const size = type === P.REPLY_TYPE_OFFSET_DATA ? 28 : 32;
       const h = headers.subarray(at, at + size);
       at += size;
-      P.writeChunkHeader(h, done, type, req.handle, size === 28 ? 8 + length : 12);
-      h.writeUInt32BE(Math.floor(start / 2 ** 32), 20);
-      h.writeUInt32BE(start >>> 0, 24);
+      P.writeChunkHeader(h, done, type, req, size === 28 ? 8 + length : 12);
+      P.put32(h, 20, Math.floor(start / 0x1_0000_0000));
+      P.put32(h, 24, start >>> 0);
       if (size === 28) {
         out.push(h, buf.subarray(start - req.offset, start - req.offset + length));
       } else {
-        h.writeUInt32BE(length, 28);
+        P.put32(h, 28, length);
         out.push(h);
       }
     };
@@ -646,7 +646,7 @@ class Connection {
         b.writeUInt32BE(s, 8 + 8 * i);
       });
       const flags = k === this.contexts.length - 1 ? P.REPLY_FLAG_DONE : 0;
-      out.push(P.chunkHeader(flags, P.REPLY_TYPE_BLOCK_STATUS, req.handle, b.length), b);
+      out.push(P.chunkHeader(flags, P.REPLY_TYPE_BLOCK_STATUS, req, b.length), b);
     });
     this.send(Buffer.concat(out));
   }

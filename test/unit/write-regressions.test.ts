@@ -258,6 +258,45 @@ describe("write path regressions", () => {
     await img.close();
   });
 
+  test("copy-on-write around a small write copies what the guest saw: zeros, or the backing file's bytes", async () => {
+    const cs = 64 * KiB;
+    // No backing file: the buffers of earlier copies-on-write are reused, dirty; the bytes
+    // around each write must still be zeros.
+    const s = new MemoryStorage();
+    await writeEmptyQcow2(s, { size: 1 * MiB, clusterSize: cs });
+    const img = await Qcow2Image.open(s, { readOnly: false });
+    await img.write(filled(3000, 0xee), 0);
+    for (const at of [cs + 5000, 2 * cs + 40, 4 * cs - 100]) await img.write(filled(100, 0x11), at);
+    const expect = new Uint8Array(4 * cs);
+    expect.fill(0xee, 0, 3000);
+    for (const at of [cs + 5000, 2 * cs + 40, 4 * cs - 100]) expect.fill(0x11, at, at + 100);
+    assert.deepEqual(await readAt(img, 0, 4 * cs), expect);
+    await img.close();
+    // Over a backing file: a zero-flagged cluster copies zeros, an unallocated one the backing bytes.
+    const backing = buildImage({
+      size: 1 * MiB,
+      clusterBits: 16,
+      clusters: [1, 2].map((g) => ({ guestCluster: g, kind: "data" as const, data: filled(cs, 5 + g) })),
+    });
+    const o = new MemoryStorage();
+    await writeEmptyQcow2(o, { size: 1 * MiB, clusterSize: cs, backingFile: "backing.qcow2", backingFormat: "qcow2" });
+    const over = await Qcow2Image.open(o, {
+      readOnly: false,
+      backing: await Qcow2Image.open(backing.storage("backing.qcow2")),
+    });
+    await over.writeZeroes(cs, cs);
+    await over.write(filled(100, 0x22), cs + 1000);
+    await over.write(filled(100, 0x33), 2 * cs + 1000);
+    const want = new Uint8Array(2 * cs);
+    want.fill(0x22, 1000, 1100);
+    want.fill(7, cs);
+    want.fill(0x33, cs + 1000, cs + 1100);
+    assert.deepEqual(await readAt(over, cs, 2 * cs), want);
+    await over.close();
+    const c = check(o.bytes(), { "backing.qcow2": backing.bytes });
+    assert.equal(c.errors + c.leaks, 0, c.text);
+  });
+
   test("data_file_raw: a discarded range reads as zeros in the raw data file too", async () => {
     const dir = mkdtempSync(join(tmpdir(), "qcowkit-unit-"));
     try {
