@@ -46,7 +46,7 @@ import type { Storage } from "../io/storage.js";
 import { checkSnapshotTable, rewriteSnapshotTable, type SnapshotTableCheck } from "./check-snapshots.js";
 import { type MetadataLayout, overlappingMetadata } from "./overlap.js";
 import { Qcow2Image, readBitmapDirectory } from "./qcow2.js";
-import { entriesInUse, sameBytes } from "./zero.js";
+import { entriesInUse, sameBytes, zeroEntriesEnd } from "./zero.js";
 
 /** What a check may repair (QEMU's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS). */
 export const FIX_LEAKS = 1;
@@ -265,7 +265,11 @@ function scanL2(dv: DataView, i: number, end: number, counts: Uint32Array, s: L2
     const lo = dv.getInt32(at + 4);
     const bmZero = stride === 16 ? dv.getInt32(at + 8) : 0;
     const bmAlloc = stride === 16 ? dv.getInt32(at + 12) : 0;
-    if ((hi | lo | bmZero | bmAlloc) === 0) continue;
+    if ((hi | lo | bmZero | bmAlloc) === 0) {
+      // An empty entry at the start of a block of 64: the rest of an empty run in bulk.
+      if ((i & 63) === 0) i = zeroEntriesEnd(dv, i, end, stride) - 1;
+      continue;
+    }
     if ((hi & SCAN_HI_STOP) !== 0 || (lo & (L2_STD_RESERVED_LO | alignLo)) !== 0 || (bmZero & bmAlloc) !== 0) break;
     if (((hi & OFFSET_HI) | (lo & OFFSET_LO)) === 0) break;
     const k = entryCluster(hi, lo, clusterBits);
@@ -296,6 +300,10 @@ function scanCopied(dv: DataView, i: number, end: number, stride: number, refs: 
     const at = i * stride;
     const hi = dv.getInt32(at);
     const lo = dv.getInt32(at + 4);
+    if ((hi | lo) === 0 && (i & 63) === 0) {
+      i = zeroEntriesEnd(dv, i, end, stride) - 1; // as in scanL2
+      continue;
+    }
     if ((hi & COMPRESSED_HI) !== 0 || ((hi & OFFSET_HI) | (lo & OFFSET_LO)) === 0) continue;
     const k = entryCluster(hi, lo, bits);
     if (k >= clusters || (counts[k] === 1) !== hi < 0) break; // hi < 0: COPIED (bit 63) set

@@ -50,6 +50,7 @@ import type { RawImage } from "./raw.js";
 import { Refcounts } from "./refcount.js";
 import type { ResizeOptions } from "./resize.js";
 import { SnapshotLoadError, validateSnapshotL1 } from "./snapshots.js";
+import { zeroEntriesEnd } from "./zero.js";
 
 /** Default metadata cache budget: enough L2 tables to map 64 GiB with 64 KiB clusters. */
 export const DEFAULT_L2_CACHE_BYTES = 8 * 1024 * 1024;
@@ -783,9 +784,11 @@ export function findSnapshot(snapshots: Snapshot[], idOrName: string): Snapshot 
 
 /**
  * The first entry in [i, end) of an L2 table that is not all zeros (an unallocated cluster with no
- * subcluster bits), or `end`. Small integers only: V8 runs it without allocating.
+ * subcluster bits), or `end`. Small integers only: V8 runs it without allocating. Long ranges
+ * (a sparse image's map or convert) are skipped in bulk.
  */
 function emptyRunEnd(table: DataView, i: number, end: number, entryBytes: number): number {
+  if (end - i >= 128) return zeroEntriesEnd(table, i, end, entryBytes);
   for (; i < end; i++) {
     const at = i * entryBytes;
     if ((table.getInt32(at) | table.getInt32(at + 4)) !== 0) break;

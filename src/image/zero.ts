@@ -62,3 +62,27 @@ export function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
   for (let i = 0; i < a.length; i++) if (a[i] !== b[i]) return false;
   return true;
 }
+
+/** Entries checked per native comparison by zeroEntriesEnd. */
+const ZERO_BLOCK_ENTRIES = 64;
+
+/**
+ * Past the all-zero entries of `table` (entries of `unit` bytes, a multiple of 4) from entry `i`:
+ * the first entry below `end` with a byte set, or `end`. Runs of 64 entries and more are
+ * checked 64 at a time with `isZero` (natively under Node.js): the empty parts of a sparse
+ * image's L2 tables, which a loop over entries walked at ~25 ns each, mostly before V8
+ * optimised it.
+ */
+export function zeroEntriesEnd(table: DataView, i: number, end: number, unit: number): number {
+  if (end - i >= 2 * ZERO_BLOCK_ENTRIES) {
+    const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+    while (end - i >= ZERO_BLOCK_ENTRIES && isZero(bytes.subarray(i * unit, (i + ZERO_BLOCK_ENTRIES) * unit))) {
+      i += ZERO_BLOCK_ENTRIES;
+    }
+  }
+  for (; i < end; i++) {
+    const at = i * unit;
+    for (let k = 0; k < unit; k += 4) if (table.getInt32(at + k) !== 0) return i;
+  }
+  return i;
+}

@@ -1,7 +1,7 @@
 /** isZero: bulk zero detection, on subarrays at every alignment; Node's memcmp path and the portable loop. */
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { entriesInUse, isZeroPortable, isZero as nodeIsZero, sameBytes } from "../../src/image/zero.js";
+import { entriesInUse, isZeroPortable, isZero as nodeIsZero, sameBytes, zeroEntriesEnd } from "../../src/image/zero.js";
 
 for (const [name, isZero] of [
   ["isZero", nodeIsZero],
@@ -87,4 +87,25 @@ test("sameBytes: equal and unequal contents, lengths and subarrays", () => {
   assert.equal(sameBytes(a, b), false);
   assert.equal(sameBytes(a.subarray(0, 69_999), b.subarray(0, 69_999)), true);
   assert.equal(sameBytes(new Uint8Array(0), new Uint8Array(0)), true);
+});
+
+test("zeroEntriesEnd: the first entry with a byte set, from any start, in runs shorter and longer than its blocks", () => {
+  for (const unit of [8, 16]) {
+    const entries = 8192;
+    const table = new Uint8Array(entries * unit + 8).subarray(8); // a view that does not start its buffer
+    const dv = new DataView(table.buffer, table.byteOffset, table.byteLength);
+    assert.equal(zeroEntriesEnd(dv, 0, entries, unit), entries, `empty, ${unit}`);
+    assert.equal(zeroEntriesEnd(dv, 100, 4000, unit), 4000, `empty to end, ${unit}`);
+    for (const e of [0, 1, 63, 64, 65, 127, 128, 129, 4095, 8191]) {
+      for (const byte of [0, 3, unit - 1]) {
+        table.fill(0);
+        table[e * unit + byte] = 0x40;
+        for (const from of [0, 1, 63, 64, 70]) {
+          const want = from <= e ? e : entries;
+          assert.equal(zeroEntriesEnd(dv, from, entries, unit), want, `entry ${e} byte ${byte} from ${from}, ${unit}`);
+        }
+        assert.equal(zeroEntriesEnd(dv, 0, e, unit), e, `stops at end ${e}, ${unit}`);
+      }
+    }
+  }
 });
