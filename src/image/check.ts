@@ -329,8 +329,8 @@ function scanRefcounts(
   const clusters = refs.clusters;
   // In bulk from the block's start only: after a difference the loop goes on, so that a block
   // with many differences is not compared again from each one.
-  if (order === 4 && block !== null && i === first && end <= clusters && sameRefcounts16(block, 0, counts, i, end)) {
-    const inUse = entriesInUse(new Uint8Array(block.buffer, block.byteOffset + (i - first) * 2, (end - i) * 2), 2);
+  if (order === 4 && block !== null && i === first && end <= clusters && sameRefcounts16(block, counts, i, end)) {
+    const inUse = entriesInUse(new Uint8Array(block.buffer, block.byteOffset, (end - i) * 2), 2);
     if (inUse > 0) st.highest = i + inUse - 1;
     return end;
   }
@@ -350,17 +350,17 @@ const NodeBuffer = (globalThis as { Buffer?: Swappable }).Buffer;
 const littleEndian = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /**
- * Whether the 16-bit refcounts of `block` from entry `at` are `counts[i..end)`, in bulk: the
+ * Whether the 16-bit refcounts at the start of `block` are `counts[i..end)`, in bulk: the
  * counts narrowed to 16 bits and turned big-endian by native code, then compared as bytes
  * (qemu-img's default width; ~10x faster than scanRefcounts' loop, which V8 runs interpreted
  * for an image of a few thousand clusters). False where it cannot tell (no Buffer, as in a
  * browser): then the loop decides. Counts never exceed the width's maximum (see inc).
  */
-function sameRefcounts16(block: DataView, at: number, counts: Uint32Array, i: number, end: number): boolean {
+function sameRefcounts16(block: DataView, counts: Uint32Array, i: number, end: number): boolean {
   if (!NodeBuffer || end <= i) return false;
   const expect = new Uint16Array(counts.subarray(i, end));
   if (littleEndian) NodeBuffer.from(expect.buffer).swap16();
-  const stored = new Uint8Array(block.buffer, block.byteOffset + at * 2, (end - i) * 2);
+  const stored = new Uint8Array(block.buffer, block.byteOffset, (end - i) * 2);
   return sameBytes(stored, new Uint8Array(expect.buffer));
 }
 

@@ -52,6 +52,8 @@ const native: Native = (() => {
   }
 })();
 const seek = native.seek;
+// I/O buffers (ioBuffer) start on a page where the addon can tell where they lie.
+setPageOffsetProbe(native.pageOffset);
 
 /**
  * Caps glibc's malloc arenas at `n` for the rest of the process (threads without one share
@@ -62,8 +64,6 @@ const seek = native.seek;
 export function limitMallocArenas(n: number): boolean {
   return native.limitArenas?.(n) ?? false;
 }
-// I/O buffers (ioBuffer) start on a page where the addon can tell where they lie.
-setPageOffsetProbe(native.pageOffset);
 
 /**
  * Reads up to this size are first tried from the page cache on the calling thread: for a small
@@ -148,9 +148,9 @@ function lockFile(fd: number, mode: FileLocking, path: string): void {
 export class FileStorage implements Storage {
   readonly name: string;
   readonly readOnly: boolean;
-  private readonly fd: number;
+  /** -1 once closed: a later read or write fails (EBADF) instead of reaching a file opened since. */
+  private fd: number;
   private readonly sync: boolean;
-  private closed = false;
 
   private constructor(fd: number, name: string, readOnly: boolean, sync: boolean) {
     this.fd = fd;
@@ -273,9 +273,10 @@ export class FileStorage implements Storage {
 
   /** Closes the descriptor (once: a second close does nothing). */
   async close(): Promise<void> {
-    if (this.closed) return;
-    this.closed = true;
-    closeSync(this.fd);
+    const fd = this.fd;
+    if (fd < 0) return;
+    this.fd = -1;
+    closeSync(fd);
   }
 }
 

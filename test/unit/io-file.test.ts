@@ -128,7 +128,7 @@ test("FileStorage: a failed write, small or large, is reported with the file and
   }
 });
 
-test("FileStorage: a second close does nothing (a descriptor reused by another open stays open)", async () => {
+test("FileStorage: a second close, and reads and writes after close, do not touch a descriptor reused by another open", async () => {
   const file = path.join(dir, "close.bin");
   writeFileSync(file, noise(8192, 3));
   const a = await FileStorage.open(file);
@@ -136,6 +136,13 @@ test("FileStorage: a second close does nothing (a descriptor reused by another o
   const b = await FileStorage.open(file); // may get a's descriptor number
   try {
     await a.close();
+    // Nor do reads and writes of the closed storage reach b's file.
+    await assert.rejects(a.read(new Uint8Array(16), 0), /Could not read from/);
+    const other = path.join(dir, "close-w.bin");
+    writeFileSync(other, new Uint8Array(16));
+    const w = await FileStorage.open(other, { readOnly: false });
+    await w.close();
+    await assert.rejects(w.write(new Uint8Array(16).fill(0xaa), 0), /Could not write to/);
     const dst = new Uint8Array(8192);
     assert.equal(await b.read(dst, 0), 8192);
     assert.deepEqual(dst, new Uint8Array(readFileSync(file)));
