@@ -9,17 +9,14 @@ export class TableCache<V extends { byteLength: number }> {
   private readonly loading = new Map<number, Promise<V>>();
   private readonly dirty = new Set<number>();
   private bytes = 0;
+  /** The most recent key (the map's last) where known: using it again moves nothing. */
+  private newest: number | undefined;
 
   constructor(private readonly budget: number) {}
 
   async get(key: number, load: () => Promise<V>): Promise<V> {
-    const hit = this.entries.get(key);
-    if (hit !== undefined) {
-      // Map iteration order is insertion order: re-inserting marks the entry most recent.
-      this.entries.delete(key);
-      this.entries.set(key, hit);
-      return hit;
-    }
+    const hit = this.use(key);
+    if (hit !== undefined) return hit;
     let pending = this.loading.get(key);
     if (pending === undefined) {
       pending = load().then(
@@ -45,6 +42,18 @@ export class TableCache<V extends { byteLength: number }> {
     return this.entries.get(key);
   }
 
+  /** The cached value for `key`, marked most recently used as by `get`, or undefined: no load. */
+  use(key: number): V | undefined {
+    const hit = this.entries.get(key);
+    if (hit !== undefined && key !== this.newest) {
+      // Map iteration order is insertion order: re-inserting marks the entry most recent.
+      this.entries.delete(key);
+      this.entries.set(key, hit);
+      this.newest = key;
+    }
+    return hit;
+  }
+
   put(key: number, v: V): void {
     const old = this.entries.get(key);
     if (old !== undefined) {
@@ -52,6 +61,7 @@ export class TableCache<V extends { byteLength: number }> {
       this.entries.delete(key);
     }
     this.entries.set(key, v);
+    this.newest = key;
     this.bytes += v.byteLength;
     this.evict();
   }
@@ -90,12 +100,14 @@ export class TableCache<V extends { byteLength: number }> {
     this.bytes -= old.byteLength;
     this.entries.delete(key);
     this.dirty.delete(key);
+    if (key === this.newest) this.newest = undefined;
   }
 
   clear(): void {
     this.entries.clear();
     this.dirty.clear();
     this.bytes = 0;
+    this.newest = undefined;
   }
 
   /**

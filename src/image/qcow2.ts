@@ -329,11 +329,16 @@ export class Qcow2Image implements BlockDevice {
    * L2 table, or to one run of L1 entries without a table.
    */
   async mapping(offset: number, maxLength: number): Promise<MappingRun> {
+    return this.mappingNow(offset, maxLength);
+  }
+
+  /**
+   * `mapping` without a promise where its L2 table is cached (nearly every request of a server
+   * or a read): the read path then awaits only the I/O.
+   */
+  mappingNow(offset: number, maxLength: number): MappingRun | Promise<MappingRun> {
     const cs = this.clusterSize;
-    const gc = Math.floor(offset / cs);
-    const l1Index = Math.floor(gc / this.l2Entries);
-    const tableEnd = (l1Index + 1) * this.l2Entries * cs;
-    const limit = Math.min(offset + maxLength, tableEnd);
+    const l1Index = Math.floor(Math.floor(offset / cs) / this.l2Entries);
     const l2Offset = l1Index < this.l1.length ? this.l1[l1Index] : 0;
     if (l2Offset === 0) {
       // Up to the next L1 entry that has a table: a sparse image's L1 table is mostly empty.
@@ -346,7 +351,17 @@ export class Qcow2Image implements BlockDevice {
       }
       return { type: SubclusterType.UnallocatedPlain, length: Math.min(end, next * span) - offset };
     }
-    const table = await this.loadL2(l2Offset);
+    const table = this.l2Cache.use(l2Offset);
+    if (table) return this.mappingIn(table, l2Offset, offset, maxLength);
+    return this.loadL2(l2Offset).then((t) => this.mappingIn(t, l2Offset, offset, maxLength));
+  }
+
+  /** `mapping` within the L2 table `table` (at `l2Offset`), which maps `offset`. */
+  private mappingIn(table: DataView, l2Offset: number, offset: number, maxLength: number): MappingRun {
+    const cs = this.clusterSize;
+    const l1Index = Math.floor(Math.floor(offset / cs) / this.l2Entries);
+    const tableEnd = (l1Index + 1) * this.l2Entries * cs;
+    const limit = Math.min(offset + maxLength, tableEnd);
     const sc = this.subclusterSize;
     let pos = offset;
     let run: MappingRun | undefined;
@@ -466,7 +481,8 @@ export class Qcow2Image implements BlockDevice {
       while (pos < end) {
         let run: MappingRun;
         try {
-          run = await this.mapping(pos, end - pos);
+          const m = this.mappingNow(pos, end - pos);
+          run = m instanceof Promise ? await m : m;
         } catch (e) {
           // As QEMU (qcow2_signal_corruption on any access): an invalid L1 or L2 entry found
           // while reading an image open for writing marks it corrupt (iotest 271).
@@ -475,7 +491,9 @@ export class Qcow2Image implements BlockDevice {
         }
         const part = dst.subarray(pos - offset, pos - offset + run.length);
         const t = run.type;
-        if (holes === undefined || t === SubclusterType.Normal || t === SubclusterType.Compressed) {
+        if (t === SubclusterType.Normal) {
+          jobs.push(readFull(this.dataFile ?? this.storage, part, run.hostOffset as number));
+        } else if (holes === undefined || t === SubclusterType.Compressed) {
           jobs.push(this.readRun(run, part, pos));
         } else if (t === SubclusterType.ZeroPlain || t === SubclusterType.ZeroAlloc) {
           addHole(holes, pos, run.length);
@@ -496,18 +514,18 @@ export class Qcow2Image implements BlockDevice {
         }
         pos += run.length;
       }
-      await Promise.all(jobs);
+      // One job (most reads): awaited alone, without Promise.all's array and promise.
+      if (jobs.length === 1) await jobs[0];
+      else if (jobs.length > 1) await Promise.all(jobs);
       if (holes && backingHoles) mergeHoles(holes, backingHoles);
     } finally {
       this.writer?.endIo();
     }
   }
 
+  /** A run other than plain data (which readMapped reads itself) into `dst`. */
   private async readRun(run: MappingRun, dst: Uint8Array, guestOffset: number): Promise<void> {
     switch (run.type) {
-      case SubclusterType.Normal:
-        await readFull(this.dataFile ?? this.storage, dst, run.hostOffset as number);
-        return;
       case SubclusterType.ZeroPlain:
       case SubclusterType.ZeroAlloc:
         dst.fill(0);

@@ -130,3 +130,53 @@ test("TableCache: loads of different keys run independently", async () => {
   a.resolve(bytes(1, 1));
   assert.deepEqual(await pa, bytes(1, 1));
 });
+
+test("TableCache: use marks an entry most recent as get does, also after the newest was deleted or replaced", async () => {
+  const c = new TableCache<Uint8Array>(300);
+  const load = (tag: number) => async () => bytes(100, tag);
+  await c.get(1, load(1));
+  await c.get(2, load(2));
+  await c.get(3, load(3));
+  assert.equal(c.use(9), undefined, "a miss loads nothing");
+  assert.equal(c.peek(9), undefined);
+  // 1 is used, so 2 is the least recent and goes first.
+  assert.deepEqual(c.use(1), bytes(100, 1));
+  c.put(4, bytes(100, 4));
+  assert.equal(c.peek(2), undefined);
+  assert.ok(c.peek(1) && c.peek(3) && c.peek(4));
+  // The newest (4) deleted: using 3 must still move it past 1.
+  c.delete(4);
+  assert.ok(c.use(3));
+  c.put(5, bytes(100, 5));
+  c.put(6, bytes(100, 6));
+  assert.equal(c.peek(1), undefined, "1 was the least recent");
+  assert.ok(c.peek(3) && c.peek(5) && c.peek(6));
+  // Using the newest again changes nothing; using 5 then makes 3 the least recent.
+  assert.ok(c.use(6));
+  assert.ok(c.use(5));
+  c.put(7, bytes(100, 7));
+  assert.equal(c.peek(3), undefined);
+  assert.ok(c.peek(5) && c.peek(6) && c.peek(7));
+  // A put makes its key the newest: using the one used before it moves that one again.
+  c.clear();
+  c.put(1, bytes(100, 1));
+  c.put(2, bytes(100, 2));
+  assert.ok(c.use(1)); // 2, 1
+  c.put(3, bytes(100, 3)); // 2, 1, 3
+  assert.ok(c.use(1)); // 2, 3, 1
+  c.put(4, bytes(100, 4)); // 2 goes
+  c.put(5, bytes(100, 5)); // then 3
+  assert.deepEqual(
+    [1, 2, 3, 4, 5].map((k) => c.peek(k) !== undefined),
+    [true, false, false, true, true],
+  );
+  // After clear, nothing is remembered as newest.
+  c.clear();
+  c.put(1, bytes(100, 1));
+  c.put(2, bytes(100, 2));
+  assert.ok(c.use(1));
+  c.put(3, bytes(100, 3));
+  c.put(4, bytes(100, 4));
+  assert.equal(c.peek(2), undefined);
+  assert.ok(c.peek(1));
+});
