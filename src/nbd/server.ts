@@ -228,7 +228,9 @@ class Connection {
   private contexts: number[] = [];
   private inflight = 0;
   private inflightBytes = 0;
-  private readonly idle: (() => void)[] = [];
+  /** Resolved (and replaced) by the next wake(): one promise for all who wait meanwhile. */
+  private idle: Promise<void> | undefined;
+  private wakeIdle: (() => void) | undefined;
   private stopping = false;
 
   constructor(
@@ -439,18 +441,29 @@ class Connection {
   private async slowDown(): Promise<void> {
     while (!this.stopping && this.busy) {
       if (this.socket.destroyed) throw new Hangup("client disconnected");
-      await new Promise<void>((resolve) => this.idle.push(resolve));
+      await this.nextWake();
     }
+  }
+
+  /** Resolves at the next wake(). */
+  private nextWake(): Promise<void> {
+    this.idle ??= new Promise<void>((resolve) => {
+      this.wakeIdle = resolve;
+    });
+    return this.idle;
   }
 
   /** A request ended, or the socket drained or closed: those waiting look again. */
   private wake(): void {
-    if (this.idle.length === 0) return;
-    for (const f of this.idle.splice(0)) f();
+    const wake = this.wakeIdle;
+    if (wake === undefined) return;
+    this.idle = undefined;
+    this.wakeIdle = undefined;
+    wake();
   }
 
   private async drained(): Promise<void> {
-    while (this.inflight > 0) await new Promise<void>((r) => this.idle.push(r));
+    while (this.inflight > 0) await this.nextWake();
   }
 
   private send(b: Buffer | Uint8Array): void {
