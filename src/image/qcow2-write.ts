@@ -555,12 +555,12 @@ export class Qcow2Writer {
           i = j;
         }
         await Promise.all(writes);
+      } catch (e) {
+        // The pooled buffers go back only once no write still reads them.
+        await Promise.allSettled(writes);
+        throw e;
       } finally {
-        if (pooled.length > 0) {
-          // Only once no write still reads them.
-          await Promise.allSettled(writes);
-          for (const b of pooled) if (this.cowPool.length * cs < COW_POOL_BYTES) this.cowPool.push(b);
-        }
+        for (const b of pooled) if (this.cowPool.length * cs < COW_POOL_BYTES) this.cowPool.push(b);
       }
       await this.meta.run(async () => {
         for (let i = 0; i < keep.length; i++) {

@@ -352,14 +352,14 @@ export class Qcow2Image implements BlockDevice {
       return { type: SubclusterType.UnallocatedPlain, length: Math.min(end, next * span) - offset };
     }
     const table = this.l2Cache.use(l2Offset);
-    if (table) return this.mappingIn(table, l2Offset, offset, maxLength);
-    return this.loadL2(l2Offset).then((t) => this.mappingIn(t, l2Offset, offset, maxLength));
+    if (table) return this.mappingIn(table, l1Index, offset, maxLength);
+    return this.loadL2(l2Offset).then((t) => this.mappingIn(t, l1Index, offset, maxLength));
   }
 
-  /** `mapping` within the L2 table `table` (at `l2Offset`), which maps `offset`. */
-  private mappingIn(table: DataView, l2Offset: number, offset: number, maxLength: number): MappingRun {
+  /** `mapping` within the L2 table `table` of L1 entry `l1Index`, which maps `offset`. */
+  private mappingIn(table: DataView, l1Index: number, offset: number, maxLength: number): MappingRun {
     const cs = this.clusterSize;
-    const l1Index = Math.floor(Math.floor(offset / cs) / this.l2Entries);
+    const l2Offset = this.l1[l1Index];
     const tableEnd = (l1Index + 1) * this.l2Entries * cs;
     const limit = Math.min(offset + maxLength, tableEnd);
     const sc = this.subclusterSize;
@@ -369,11 +369,11 @@ export class Qcow2Image implements BlockDevice {
     while (pos < limit) {
       const c = Math.floor(pos / cs);
       // Empty entries (unallocated, bitmap clear) are most of a sparse image's tables: a run of
-      // them is taken in one step, found by a loop over entry indices.
+      // them is taken in one step (long runs compared 64 entries at a time, see zeroEntriesEnd).
       if (run === undefined || run.type === SubclusterType.UnallocatedPlain) {
         const tableStart = tableEnd - this.l2Entries * cs;
         const i = c - l1Index * this.l2Entries;
-        const j = emptyRunEnd(table, i, Math.ceil((limit - tableStart) / cs), this.l2EntryBytes);
+        const j = zeroEntriesEnd(table, i, Math.ceil((limit - tableStart) / cs), this.l2EntryBytes);
         if (j > i) {
           run ??= { type: SubclusterType.UnallocatedPlain, length: 0 };
           const stepEnd = Math.min(tableStart + j * cs, limit);
@@ -798,21 +798,6 @@ export class Qcow2Image implements BlockDevice {
 
 export function findSnapshot(snapshots: Snapshot[], idOrName: string): Snapshot | undefined {
   return snapshots.find((s) => s.id === idOrName) ?? snapshots.find((s) => s.name === idOrName);
-}
-
-/**
- * The first entry in [i, end) of an L2 table that is not all zeros (an unallocated cluster with no
- * subcluster bits), or `end`. Small integers only: V8 runs it without allocating. Long ranges
- * (a sparse image's map or convert) are skipped in bulk.
- */
-function emptyRunEnd(table: DataView, i: number, end: number, entryBytes: number): number {
-  if (end - i >= 128) return zeroEntriesEnd(table, i, end, entryBytes);
-  for (; i < end; i++) {
-    const at = i * entryBytes;
-    if ((table.getInt32(at) | table.getInt32(at + 4)) !== 0) break;
-    if (entryBytes === 16 && (table.getInt32(at + 8) | table.getInt32(at + 12)) !== 0) break;
-  }
-  return i;
 }
 
 /**

@@ -208,8 +208,9 @@ export class Refcounts {
   }
 
   /**
-   * A new refcount block for range `t` in the first free cluster from `from` on. A block in its own range counts itself; one in another range is counted there
-   * (durably, before the table points at it).
+   * A new refcount block for range `t` in the first free cluster from `from` on. A block in its
+   * own range counts itself; one in another range is counted there (durably, before the table
+   * points at it).
    */
   private async placeBlock(t: number, from: number, onTableMoved: TableMoved): Promise<void> {
     let p = from;
