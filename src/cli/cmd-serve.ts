@@ -1,19 +1,14 @@
 /** qcowkit serve: an NBD server for one image, with qemu-nbd's flags and lifetime rules. */
 import { lstatSync, unlinkSync } from "node:fs";
-import type * as V8 from "node:v8";
 import { QcowError } from "../errors.js";
 import { Qcow2Image } from "../image/qcow2.js";
 import { limitMallocArenas } from "../io/file.js";
 import { isHttpUrl } from "../io/http.js";
-import { lazyBuiltin } from "../lazy-builtin.js";
 import { NbdServer } from "../nbd/server.js";
 import { openImageFile } from "../node.js";
 import type { Command } from "./commands.js";
 import { ExitError, formatOption } from "./exit.js";
-
-// Only serve sets a V8 flag: node:v8 (with the stream modules it loads) costs ~2 ms of every
-// command's start-up.
-const v8 = lazyBuiltin<typeof V8>("node:v8");
+import { setV8Flags } from "./v8-flags.js";
 
 /** Whether `path` is a socket (false where it cannot be looked at). */
 function isSocket(path: string): boolean {
@@ -64,12 +59,12 @@ export const serve: Command = {
     // A server allocates short-lived objects per request, which make V8 grow its young
     // generation (heap 12 -> 18 MiB under fio's random reads); at its first size the server's
     // peak memory is ~7 MiB lower for ~3 % more time in the scavenger.
-    v8().setFlagsFromString("--semi-space-growth-factor=1");
+    setV8Flags("--semi-space-growth-factor=1");
     // Less inlining into each optimised function (V8's cumulative budget: 920 bytes of bytecode
     // by default): the request path's largest compiles took 40-60 ms each and their memory, on
     // V8's compiler threads, showed as a 3 MiB spike of the server's peak. At 400, fio's random
     // writes, reads and nbdcopy each ran 2-4 % faster and peaked 1-2 MiB lower.
-    v8().setFlagsFromString("--max-inlined-bytecode-size-cumulative=400");
+    setV8Flags("--max-inlined-bytecode-size-cumulative=400");
     // One malloc arena for the main thread, one shared by all others (see limitMallocArenas).
     limitMallocArenas(2);
     const file = p[0];

@@ -4,7 +4,6 @@ import { textEncoder } from "../format/bytes.js";
 import type { Extent } from "../image/block-device.js";
 import type { CheckResult } from "../image/check.js";
 import type { ImageInfo, SnapshotInfo } from "../ops/info.js";
-import { printf2 } from "./progress.js";
 import { dumpHuman, type QObject } from "./qobject.js";
 
 /** C's printf("%0.3g", v) for the values size_to_str produces (0 <= v < 1000). */
@@ -131,4 +130,15 @@ export function humanCheck(c: CheckResult): string {
   }
   if (c.imageEndOffset) out += `Image end offset: ${c.imageEndOffset}\n`;
   return out;
+}
+
+/** printf("%.2f"): like toFixed(2), but an exact half goes to the even digit as C rounds it. */
+export function printf2(v: number): string {
+  const scaled = v * 100;
+  const floor = Math.floor(scaled);
+  if (scaled - floor === 0.5 && (v * 1000) % 10 === 5) {
+    const n = floor % 2 === 0 ? floor : floor + 1;
+    return (n / 100).toFixed(2);
+  }
+  return v.toFixed(2);
 }

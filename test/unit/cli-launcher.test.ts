@@ -42,6 +42,8 @@ test("launcher: every short subcommand has a code cache that this Node takes", (
     ["info", image],
     ["check", image],
     ["map", "--output", "json", image],
+    // convert turns V8's optimising compiler off for itself, after the cache is in.
+    ["convert", "-O", "qcow2", image, path.join(dir, "converted.qcow2")],
   ]) {
     const r = run(QCOWKIT_MAIN, args);
     assert.equal(r.status, 0, r.stderr);
@@ -74,6 +76,47 @@ test("launcher: a cache that does not fit is compiled around, with the same outp
   const cached = run(path.join(copy, "qcowkit.cjs"), ["map", image]);
   assert.equal(cached.stderr, "");
   assert.equal(cached.stdout, none.stdout);
+
+  // convert changes V8's flags as it runs; a cache written then would carry them, and V8 would
+  // reject it in every later run (which starts with the default flags).
+  const convertCache = path.join(copy, "code-cache", "convert.bin");
+  const target = path.join(dir, "cached.qcow2");
+  const args = ["convert", "-O", "qcow2", image, target];
+  assert.equal(run(path.join(copy, "qcowkit.cjs"), args, { QCOWKIT_CODE_CACHE_OUT: convertCache }).status, 0);
+  assert.ok(statSync(convertCache).size > 10_000);
+  const converted = run(path.join(copy, "qcowkit.cjs"), args);
+  assert.equal(converted.status, 0, converted.stderr);
+  assert.equal(converted.stderr, "");
+});
+
+test("launcher: commands that need no stream, network, compression or V8 settings do not load them", () => {
+  // Each of Node's modules costs 1.5-5 ms of start-up; a preload lists what the run loaded.
+  const preload = path.join(dir, "modules.cjs");
+  writeFileSync(
+    preload,
+    'process.on("exit", () => require("node:fs").writeSync(2, "modules: " + process.moduleLoadList.join(",") + "\\n"));',
+  );
+  const loaded = (args: string[]): string[] => {
+    const r = spawnSync(process.execPath, ["-r", preload, QCOWKIT_MAIN, ...args], { encoding: "utf8" });
+    assert.equal(r.status, 0, r.stderr);
+    const line = r.stderr.split("\n").find((l) => l.startsWith("modules: "));
+    assert.ok(line, r.stderr);
+    return line.slice("modules: ".length).split(",");
+  };
+  const heavy = /^NativeModule (stream|v8|fs\/promises|zlib|worker_threads|net|http)$/;
+  // The preload sees modules: a run of the same preload with node:stream loaded shows it.
+  const probe = spawnSync(process.execPath, ["-r", preload, "-e", "process.stdout"], { encoding: "utf8" });
+  assert.match(probe.stderr, /NativeModule stream[,\n]/);
+  for (const args of [
+    ["info", image],
+    ["check", image],
+    ["map", image],
+    // Without -p, the progress display must not touch process.stdout.
+    ["amend", "-f", "qcow2", "-o", "lazy_refcounts=on", image],
+  ]) {
+    const found = loaded(args).filter((m) => heavy.test(m));
+    assert.deepEqual(found, [], `${args[0]} loaded ${found.join(", ")}`);
+  }
 });
 
 test("launcher: errors keep qemu-img's exit codes and messages", () => {
