@@ -8,7 +8,7 @@
  *  - fallocate(): space for new clusters reserved before their data is written, as QEMU does;
  *  - where a buffer's bytes lie in memory, so that I/O buffers can start on a page as QEMU's do
  *    (the kernel copies into and out of a buffer 16 bytes off a cache line ~25 % slower);
- *  - glibc's limit on malloc arenas, for the long-running server (see LimitArenas).
+ *  - two of glibc's malloc settings (see MallocOption).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -17,6 +17,7 @@
 #include <malloc.h>
 #endif
 #include <node_api.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -164,26 +165,35 @@ static napi_value PageOffset(napi_env env, napi_callback_info info) {
 }
 
 /*
- * limitArenas(n) -> true when set: glibc gives each thread that allocates its own malloc arena,
- * up to eight per core, and keeps what a thread freed in its arena for it. V8's compiler threads
- * allocate megabytes for a large compile, which then stay in the process's peak. With a limit,
- * threads that have no arena yet share the existing ones. False without glibc.
+ * mallocOption(name, value) -> true when glibc took it (mallopt); false without glibc. For a
+ * process that runs long or moves much data, on two of glibc's habits:
+ *  - "arenaMax": glibc gives each thread that allocates its own malloc arena, up to eight per
+ *    core, and keeps what a thread freed in its arena for it. V8's compiler threads allocate
+ *    megabytes for a large compile, which then stay in the process's peak. With a limit, threads
+ *    that have no arena yet share the existing ones.
+ *  - "mmapThreshold": blocks from this size up are mapped on their own and unmapped when freed.
+ *    By default glibc raises the threshold to the largest mapped block freed so far (up to
+ *    32 MiB), after which blocks of megabytes come from the heap and what is freed there stays
+ *    in the process's peak. Setting it stops the rise.
  */
-static napi_value LimitArenas(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1];
-  int32_t n;
+static napi_value MallocOption(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  char name[16];
+  int32_t value;
   napi_value result;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 1 ||
-      napi_get_value_int32(env, argv[0], &n) != napi_ok || n < 1) {
-    napi_throw_type_error(env, NULL, "limitArenas(n >= 1)");
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 2 ||
+      napi_get_value_string_utf8(env, argv[0], name, sizeof name, NULL) != napi_ok ||
+      napi_get_value_int32(env, argv[1], &value) != napi_ok || value < 1 ||
+      (strcmp(name, "arenaMax") != 0 && strcmp(name, "mmapThreshold") != 0)) {
+    napi_throw_type_error(env, NULL, "mallocOption(\"arenaMax\" | \"mmapThreshold\", value >= 1)");
     return NULL;
   }
-#if defined(__GLIBC__) && defined(M_ARENA_MAX)
-  napi_get_boolean(env, mallopt(M_ARENA_MAX, n) == 1, &result);
-#else
-  napi_get_boolean(env, false, &result);
+  bool ok = false;
+#if defined(__GLIBC__) && defined(M_ARENA_MAX) && defined(M_MMAP_THRESHOLD)
+  ok = mallopt(strcmp(name, "arenaMax") == 0 ? M_ARENA_MAX : M_MMAP_THRESHOLD, value) == 1;
 #endif
+  napi_get_boolean(env, ok, &result);
   return result;
 }
 
@@ -199,7 +209,7 @@ NAPI_MODULE_INIT() {
   napi_set_named_property(env, exports, "allocate", fn);
   napi_create_function(env, "pageOffset", NAPI_AUTO_LENGTH, PageOffset, NULL, &fn);
   napi_set_named_property(env, exports, "pageOffset", fn);
-  napi_create_function(env, "limitArenas", NAPI_AUTO_LENGTH, LimitArenas, NULL, &fn);
-  napi_set_named_property(env, exports, "limitArenas", fn);
+  napi_create_function(env, "mallocOption", NAPI_AUTO_LENGTH, MallocOption, NULL, &fn);
+  napi_set_named_property(env, exports, "mallocOption", fn);
   return exports;
 }

@@ -2,7 +2,7 @@
 import { lstatSync, unlinkSync } from "node:fs";
 import { QcowError } from "../errors.js";
 import { Qcow2Image } from "../image/qcow2.js";
-import { limitMallocArenas } from "../io/file.js";
+import { tuneMalloc } from "../io/file.js";
 import { isHttpUrl } from "../io/http.js";
 import { NbdServer } from "../nbd/server.js";
 import { openImageFile } from "../node.js";
@@ -65,8 +65,8 @@ export const serve: Command = {
     // V8's compiler threads, showed as a 3 MiB spike of the server's peak. At 400, fio's random
     // writes, reads and nbdcopy each ran 2-4 % faster and peaked 1-2 MiB lower.
     setV8Flags("--max-inlined-bytecode-size-cumulative=400");
-    // One malloc arena for the main thread, one shared by all others (see limitMallocArenas).
-    limitMallocArenas(2);
+    // One malloc arena for the main thread, one shared by all others (see tuneMalloc).
+    tuneMalloc({ arenaMax: 2 });
     const file = p[0];
     const port = str(v, "port") ?? "10809";
     if (!/^\d+$/.test(port) || Number(port) > 65535) throw new ExitError(`Invalid port '${port}'`);

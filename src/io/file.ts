@@ -28,8 +28,8 @@ type ReadCachedFn = (fd: number, dst: Uint8Array, offset: number) => number;
 type AllocateFn = (fd: number, offset: number, length: number) => number;
 /** Where a buffer's first byte lies within its 4096-byte page. */
 type PageOffsetFn = (b: Uint8Array) => number;
-/** mallopt(M_ARENA_MAX, n): true where glibc took it. */
-type LimitArenasFn = (n: number) => boolean;
+/** mallopt(M_ARENA_MAX or M_MMAP_THRESHOLD, value): true where glibc took it. */
+type MallocOptionFn = (name: "arenaMax" | "mmapThreshold", value: number) => boolean;
 
 /**
  * The native binding built at install (native/seek.c): lseek(SEEK_DATA/SEEK_HOLE), OFD locks,
@@ -42,7 +42,7 @@ interface Native {
   readCached?: ReadCachedFn;
   allocate?: AllocateFn;
   pageOffset?: PageOffsetFn;
-  limitArenas?: LimitArenasFn;
+  mallocOption?: MallocOptionFn;
 }
 const native: Native = (() => {
   try {
@@ -56,13 +56,23 @@ const seek = native.seek;
 setPageOffsetProbe(native.pageOffset);
 
 /**
- * Caps glibc's malloc arenas at `n` for the rest of the process (threads without one share
- * those there are); false where it cannot (no addon, not glibc). For a long-running process:
- * `serve` sets 2, which took the highest peak of its memory under fio's random writes from
- * 62 to 60 MiB (V8's compiler threads each kept megabytes in an arena of their own).
+ * Settings of glibc's malloc for the rest of the process; false where it cannot (no addon, not
+ * glibc). Process-wide, so for the command line, not for a library's host:
+ *  - `arenaMax`: threads without an arena share those there are. `serve` sets 2, which took the
+ *    highest peak of its memory under fio's random writes from 62 to 60 MiB (V8's compiler
+ *    threads each kept megabytes in an arena of their own).
+ *  - `mmapThreshold`: blocks from this size up are mapped on their own and given back when freed.
+ *    glibc otherwise raises it to the largest such block freed (up to 32 MiB), and then keeps
+ *    freed megabyte buffers in its heap: convert of a compressed image peaked at 85-92 MiB
+ *    instead of 71-74.
  */
-export function limitMallocArenas(n: number): boolean {
-  return native.limitArenas?.(n) ?? false;
+export function tuneMalloc(opts: { arenaMax?: number; mmapThreshold?: number }): boolean {
+  const set = native.mallocOption;
+  if (!set) return false;
+  let ok = true;
+  if (opts.arenaMax !== undefined) ok = set("arenaMax", opts.arenaMax) && ok;
+  if (opts.mmapThreshold !== undefined) ok = set("mmapThreshold", opts.mmapThreshold) && ok;
+  return ok;
 }
 
 /**

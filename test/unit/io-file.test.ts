@@ -173,16 +173,55 @@ test("FileStorage: size, truncate and flush on the descriptor; a missing file is
   });
 });
 
-test("limitMallocArenas: glibc takes the limit (in a child process, not the test runner's)", () => {
+test("tuneMalloc: glibc takes both settings (in a child process, not the test runner's)", () => {
   const file = new URL("../../src/io/file.js", import.meta.url).href;
   const code = `import(${JSON.stringify(file)}).then((m) => {
-    const ok = m.limitMallocArenas(2);
-    let refused = false;
-    try { m.limitMallocArenas(0); } catch (e) { refused = e instanceof TypeError; }
+    const ok = [m.tuneMalloc({ arenaMax: 2 }), m.tuneMalloc({ mmapThreshold: 131072 }), m.tuneMalloc({})];
+    const refused = [{ arenaMax: 0 }, { mmapThreshold: -1 }].map((o) => {
+      try { m.tuneMalloc(o); return false; } catch (e) { return e instanceof TypeError; }
+    });
     console.log(JSON.stringify({ ok, refused }));
   });`;
   const r = spawnSync(process.execPath, ["-e", code], { encoding: "utf8" });
   assert.equal(r.status, 0, r.stderr);
-  // This machine and CI run glibc with the addon built; elsewhere the call reports false.
-  assert.deepEqual(JSON.parse(r.stdout), { ok: true, refused: true });
+  // This machine and CI run glibc with the addon built; elsewhere the calls report false.
+  assert.deepEqual(JSON.parse(r.stdout), { ok: [true, true, true], refused: [true, true] });
+});
+
+test("tuneMalloc: with a fixed mmap threshold, freed megabyte buffers leave the process", () => {
+  // glibc's default: once a 1 MiB block was freed, the next ones come from its heap, and what is
+  // freed there stays resident. With the threshold fixed, each is unmapped when freed.
+  const addon = new URL("../../../build/Release/qcowkit_seek.node", import.meta.url).pathname;
+  const code = (fixed: boolean) => `
+    const m = require(${JSON.stringify(addon)});
+    if (${fixed} && !m.mallocOption("mmapThreshold", 131072)) throw new Error("not taken");
+    const rss = () => Number(/VmRSS:\\s+(\\d+)/.exec(require("fs").readFileSync("/proc/self/status", "utf8"))[1]);
+    globalThis.gc();
+    const base = rss();
+    (async () => {
+      for (let round = 0; round < 4; round++) {
+        // 16 buffers of 1 MiB, written so that their pages are resident, then dropped.
+        let keep = [];
+        for (let i = 0; i < 16; i++) keep.push(new Uint8Array(1 << 20).fill(round + 1));
+        keep = null;
+        globalThis.gc();
+        await new Promise((r) => setTimeout(r, 10));
+      }
+      console.log(rss() - base);
+    })();`;
+  const stayed = (fixed: boolean): number => {
+    const r = spawnSync(
+      process.execPath,
+      // Backing stores freed by the collection itself, not by a sweeper thread some time after.
+      ["--expose-gc", "--no-concurrent-array-buffer-sweeping", "-e", code(fixed)],
+      { encoding: "utf8" },
+    );
+    assert.equal(r.status, 0, r.stderr);
+    return Number(r.stdout);
+  };
+  // KiB still resident after the buffers were freed: glibc's default keeps most of the 16 MiB.
+  const byDefault = stayed(false);
+  const fixed = stayed(true);
+  assert.ok(byDefault > 8192, `default threshold: only ${byDefault} KiB stayed`);
+  assert.ok(fixed < 4096, `fixed threshold: ${fixed} KiB stayed`);
 });
