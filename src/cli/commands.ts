@@ -253,7 +253,8 @@ const convertCmd: Command = {
     // No optimising compiler (TurboFan): convert's JavaScript runs per chunk or per cluster, and
     // its baseline code (Sparkplug) is quick enough, while TurboFan spent ~110 ms of CPU compiling
     // it on a 2 GiB raw -> qcow2 copy, on the cores the copy's reads and writes need: 377 -> 317 ms
-    // (qemu-img: ~275 ms). The other convert cases of the bench were unchanged.
+    // (qemu-img: ~275 ms), and the peaks 4-13 MiB lower. The other convert cases of the bench
+    // were unchanged within noise (qcow2 -> raw +2 % over 20 alternated runs). check keeps it.
     setV8Flags("--max-opt=1");
     const sources = await openSources(p.slice(0, -1), formatOption(str(v, "f")), snapshotOption(v), forceShare(v));
     const progress = new Progress(Boolean(v.p) && !v.q);
