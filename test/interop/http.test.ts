@@ -25,7 +25,7 @@ import { type HttpFixture, startHttpServer } from "../http-server.js";
 import { assertCheckClean, killServers, startServer } from "./serve-util.js";
 import {
   assertSameAsQemu,
-  diffFiles,
+  assertSameFile,
   makeTempDir,
   qcowkit,
   qemuImg,
@@ -100,11 +100,6 @@ beforeEach(() => {
 
 const NAMES = ["base.qcow2", "top.qcow2", "comp.qcow2", "comptop.qcow2", "sub/leaf.qcow2"];
 
-async function assertSameBytes(expected: string, actual: string, what: string): Promise<void> {
-  const d = await diffFiles(expected, actual);
-  assert.equal(d, undefined, `${what}: differs at ${d?.offset}: expected ${d?.expected}, got ${d?.actual}`);
-}
-
 describe("http: qemu-img's images read over HTTP", () => {
   for (const name of NAMES) {
     test(`${name}: info, map, check and compare as qemu-img on the URL; convert gives the local file's bytes`, async (t) => {
@@ -143,7 +138,7 @@ describe("http: qemu-img's images read over HTTP", () => {
       const out = path.join(dir, "out.raw");
       const r = await qcowkit(["convert", "-O", "raw", u, out]);
       assert.equal(r.code, 0, r.stderr);
-      await assertSameBytes(expected, out, `qcowkit convert -O raw ${u}`);
+      await assertSameFile(expected, out, `qcowkit convert -O raw ${u}`);
       const q2 = path.join(dir, "out.qcow2");
       assert.equal((await qcowkit(["convert", "-c", "-O", "qcow2", u, q2])).code, 0);
       const back = await qemuImg(["compare", "-f", "qcow2", "-F", "raw", q2, expected]);
@@ -244,7 +239,7 @@ describe("http: local copy-on-write overlays on a remote image", () => {
     assert.equal(cmp.code, 0, `qemu-img compare: ${cmp.stdout}${cmp.stderr}`);
     const back = path.join(dir, "back.raw");
     assert.equal((await qcowkit(["convert", "-O", "raw", path.join(dir, "ov.qcow2"), back])).code, 0);
-    await assertSameBytes(expected, back, "qcowkit's read of the overlay");
+    await assertSameFile(expected, back, "qcowkit's read of the overlay");
   });
 
   test("createOverlay: an image opened over HTTP under a new local overlay file", async () => {
@@ -293,7 +288,7 @@ describe("http: serve --read-only URL", () => {
     const out = path.join(dir, "out.raw");
     const copy = await run(requireTool("nbdcopy"), [k.uri(), out]);
     assert.equal(copy.code, 0, copy.stderr);
-    await assertSameBytes(expected, out, "nbdcopy out of qcowkit serve -r URL");
+    await assertSameFile(expected, out, "nbdcopy out of qcowkit serve -r URL");
     const exit = await k.stop("SIGTERM");
     assert.equal(exit.code, 0, k.stderr());
   });

@@ -40,7 +40,7 @@ import {
   startServer,
 } from "./serve-util.js";
 import {
-  diffFiles,
+  assertSameFile,
   qemuImg,
   qemuImgOk,
   qemuIoOk,
@@ -62,11 +62,6 @@ const tmp = useTempDir("serve");
 function assertExit0(s: Server, e: { code: number | null; signal: string | null } | undefined, what: string): void {
   assert.ok(e !== undefined, `${what}: ${s.kind} still running`);
   assert.equal(e.code, 0, `${what}: ${s.kind} exit ${e.code ?? e.signal}; stderr: ${s.stderr()}`);
-}
-
-async function assertSameFile(expected: string, actual: string, what: string): Promise<void> {
-  const d = await diffFiles(expected, actual);
-  if (d !== undefined) assert.fail(`${what}: differs at ${d.offset}\n  expected ${d.expected}\n  actual   ${d.actual}`);
 }
 
 async function nbdinfo(args: readonly string[]): Promise<string> {

@@ -14,8 +14,8 @@ import {
   assertCleanExit,
   assertNoStackTrace,
   assertSameAsQemu,
+  assertSameFile,
   CLI_PREFIX,
-  diffFiles,
   qcowkit,
   qemuImg,
   qemuImgOk,
@@ -45,11 +45,6 @@ describe("qcowkit snapshot", () => {
     const l = snapshot === undefined ? [] : ["-l", `snapshot.name=${snapshot}`];
     await qemuImgOk(["convert", "-O", "raw", ...l, img, out]);
     return out;
-  }
-
-  async function assertSameFile(expected: string, actual: string, what: string): Promise<void> {
-    const d = await diffFiles(expected, actual);
-    if (d) assert.fail(`${what}: differs at ${d.offset}\n  expected ${d.expected}\n  actual   ${d.actual}`);
   }
 
   /**

@@ -360,6 +360,12 @@ export async function diffFiles(expectedPath: string, actualPath: string): Promi
   }
 }
 
+/** Fails with the first differing bytes unless the two files hold the same bytes. */
+export async function assertSameFile(expected: string, actual: string, what: string): Promise<void> {
+  const d = await diffFiles(expected, actual);
+  if (d !== undefined) assert.fail(`${what}: differs at ${d.offset}\n  expected ${d.expected}\n  actual   ${d.actual}`);
+}
+
 async function readFully(fh: fs.FileHandle, buf: Buffer, n: number, pos: number): Promise<void> {
   let done = 0;
   while (done < n) {
@@ -456,12 +462,7 @@ export async function assertConvertMatches(src: string, opts: ConvertOptions): P
     const [es, as] = await Promise.all([fs.stat(expected), fs.stat(actual)]);
     assert.equal(as.size, es.size, `raw output size: expected ${es.size}, got ${as.size}`);
     if (limit === undefined) {
-      const d = await diffFiles(expected, actual);
-      if (d !== undefined) {
-        assert.fail(
-          `raw output differs from qemu-img's at offset ${d.offset}\n  expected ${d.expected}\n  actual   ${d.actual}`,
-        );
-      }
+      await assertSameFile(expected, actual, "raw output, against qemu-img's");
     } else {
       const cmp = await qemuImg(["compare", "-f", "raw", "-F", "raw", expected, actual], {
         timeoutMs: opts.timeoutMs,
