@@ -46,7 +46,7 @@ import type { Storage } from "../io/storage.js";
 import { checkSnapshotTable, rewriteSnapshotTable, type SnapshotTableCheck } from "./check-snapshots.js";
 import { type MetadataLayout, overlappingMetadata } from "./overlap.js";
 import { Qcow2Image, readBitmapDirectory } from "./qcow2.js";
-import { entriesInUse, sameBytes, zeroEntriesEnd } from "./zero.js";
+import { entriesInUse, NodeBuffer, sameBytes, zeroEntriesEnd } from "./zero.js";
 
 /** What a check may repair (QEMU's BDRV_FIX_LEAKS / BDRV_FIX_ERRORS). */
 export const FIX_LEAKS = 1;
@@ -337,8 +337,6 @@ function scanRefcounts(
   return i;
 }
 
-type Swappable = { from(b: ArrayBuffer): { swap16(): unknown } };
-const NodeBuffer = (globalThis as { Buffer?: Swappable }).Buffer;
 const littleEndian = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /**

@@ -4,7 +4,14 @@
  * alignment allows.
  */
 type Compare = (a: Uint8Array, b: Uint8Array) => number;
-const compare = (globalThis as { Buffer?: { compare: Compare } }).Buffer?.compare;
+
+/**
+ * Node's Buffer where the code runs under Node, for its native helpers that do in bulk what a
+ * loop does a byte at a time; undefined in browsers (the bundles carry no Buffer).
+ */
+export const NodeBuffer = (globalThis as { Buffer?: { compare: Compare; from(b: ArrayBuffer): { swap16(): unknown } } })
+  .Buffer;
+const compare = NodeBuffer?.compare;
 
 export const isZero: (buf: Uint8Array) => boolean = compare ? isZeroBy(compare) : isZeroPortable;
 
