@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { describe, test } from "node:test";
 import { constants, deflateRawSync } from "node:zlib";
 import { nodeCodecs } from "../../src/codec/node.js";
+import { QcowError } from "../../src/errors.js";
 import { Qcow2Image } from "../../src/image/qcow2.js";
 import { MemoryStorage } from "../../src/io/memory.js";
 import type { Storage } from "../../src/io/storage.js";
@@ -53,7 +54,7 @@ function withTempDirSync<T>(fn: (dir: string) => T): T {
   }
 }
 
-/** A storage whose writes matching a predicate wait until released. */
+/** A storage whose writes matching a predicate wait until released, or fail. */
 class GateStorage implements Storage {
   private gates: {
     kind: "read" | "write";
@@ -61,7 +62,14 @@ class GateStorage implements Storage {
     arrived: () => void;
     wait: Promise<void>;
   }[] = [];
+  private failing: ((offset: number, length: number) => boolean)[] = [];
+  /** Writes whose buffer changed between the call and the write itself (held by a gate). */
+  changedInFlight = 0;
   constructor(private readonly inner: MemoryStorage) {}
+  /** Fails the next write matching `match` with an I/O error. */
+  failWhen(match: (offset: number, length: number) => boolean): void {
+    this.failing.push(match);
+  }
   get name() {
     return this.inner.name;
   }
@@ -95,7 +103,14 @@ class GateStorage implements Storage {
     return this.inner.read(dst, offset);
   }
   async write(src: Uint8Array, offset: number): Promise<void> {
+    const i = this.failing.findIndex((match) => match(offset, src.length));
+    if (i >= 0) {
+      this.failing.splice(i, 1);
+      throw new QcowError("io", `Could not write '${this.name}' at offset ${offset}: Input/output error`);
+    }
+    const before = src.slice();
     await this.gate("write", offset, src.length);
+    if (!before.every((v, k) => v === src[k])) this.changedInFlight++;
     await this.inner.write(src, offset);
   }
   flush() {
@@ -255,6 +270,43 @@ describe("write path regressions", () => {
     assert.deepEqual(await readAt(img, cs + 3000, 10), filled(10, 0x33), "A's bytes survive B's copy-on-write");
     assert.deepEqual(await readAt(img, cs, 100), filled(100, 0x44));
     assert.deepEqual(await readAt(img, cs + 1000, 500), filled(500, 0x22));
+    await img.close();
+  });
+
+  test("a failed write's copy-on-write buffers are reused only once its other writes are done", async () => {
+    // One allocating write in two pieces, each copied-on-write in a pooled buffer: the last
+    // subcluster of an allocated cluster, and the first of a new one elsewhere in the file. The
+    // first piece's write fails; the second is still in flight, and its buffer must not go to
+    // the next request (which would fill it) before it is done.
+    const cs = 64 * KiB;
+    const sc = cs / 32;
+    const mem = new MemoryStorage();
+    await writeEmptyQcow2(mem, { size: 1 * MiB, clusterSize: cs, extendedL2: true });
+    const g = new GateStorage(mem);
+    const img = await Qcow2Image.open(g, { readOnly: false });
+    await img.write(filled(sc, 0x11), 0); // guest cluster 0, subcluster 0
+    await img.write(filled(sc, 0x11), 5 * cs); // after it in the file: cluster 1 goes elsewhere
+    const host = (await img.mapping(0, cs)).hostOffset;
+    assert.ok(host !== undefined);
+    const failing = host + cs - sc;
+    g.failWhen((offset) => offset === failing);
+    const held = g.hold((offset, length) => offset !== failing && length === sc);
+    const a = img.write(filled(2000, 0x22), cs - 1000).then(
+      () => undefined,
+      (e: unknown) => e,
+    );
+    await held.arrived;
+    // A small write into a new subcluster takes a buffer from the pool and fills it.
+    const b = img.write(filled(100, 0x33), 7 * cs + 100);
+    await new Promise((r) => setTimeout(r, 20));
+    held.release();
+    assert.match(String(await a), /Input\/output error/, "the first write fails");
+    await b;
+    assert.equal(g.changedInFlight, 0, "a buffer was changed while its write was in flight");
+    const want = new Uint8Array(sc);
+    want.fill(0x33, 100, 200);
+    assert.deepEqual(await readAt(img, 7 * cs, sc), want);
+    assert.deepEqual(await readAt(img, 0, sc), filled(sc, 0x11));
     await img.close();
   });
 
