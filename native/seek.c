@@ -20,6 +20,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -197,6 +200,112 @@ static napi_value MallocOption(napi_env env, napi_callback_info info) {
   return result;
 }
 
+#ifndef __NR_cachestat
+#define __NR_cachestat 451
+#endif
+struct qk_cachestat_range {
+  uint64_t off, len;
+};
+struct qk_cachestat {
+  uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+/*
+ * cachedPages(fd, offset, length) -> how many pages of the range are in the page cache
+ * (cachestat, Linux 6.5), or -1 where the kernel cannot tell.
+ */
+static napi_value CachedPages(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3];
+  int32_t fd;
+  double offset, length;
+  napi_value result;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
+      napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_double(env, argv[1], &offset) != napi_ok ||
+      napi_get_value_double(env, argv[2], &length) != napi_ok) {
+    napi_throw_type_error(env, NULL, "cachedPages(fd, offset, length)");
+    return NULL;
+  }
+  struct qk_cachestat_range range = {(uint64_t)offset, (uint64_t)length};
+  struct qk_cachestat cs;
+  long r = syscall(__NR_cachestat, fd, &range, &cs, 0);
+  napi_create_double(env, r < 0 ? -1 : (double)cs.nr_cache, &result);
+  return result;
+}
+
+/*
+ * sendRange(socket, header, fd, offset, length) -> bytes sent: the header, then `length` bytes
+ * of file `fd` from `offset` (sendfile: the kernel copies them from the page cache into the
+ * socket, with no read into memory of ours), up to where the non-blocking socket is full; or
+ * -errno when not a byte could be sent.
+ */
+static napi_value SendRange(napi_env env, napi_callback_info info) {
+  size_t argc = 5;
+  napi_value argv[5];
+  int32_t sock, fd;
+  double offset, length;
+  void *head;
+  size_t headLength;
+  napi_value result;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 5 ||
+      napi_get_value_int32(env, argv[0], &sock) != napi_ok || !get_bytes(env, argv[1], &head, &headLength) ||
+      napi_get_value_int32(env, argv[2], &fd) != napi_ok ||
+      napi_get_value_double(env, argv[3], &offset) != napi_ok ||
+      napi_get_value_double(env, argv[4], &length) != napi_ok) {
+    napi_throw_type_error(env, NULL, "sendRange(socket, Uint8Array, fd, offset, length)");
+    return NULL;
+  }
+  double sent = 0;
+  while ((size_t)sent < headLength) {
+    ssize_t n = send(sock, (char *)head + (size_t)sent, headLength - (size_t)sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      // A full socket, or an error after some bytes (the caller's next write meets it): what went.
+      napi_create_double(env, errno == EAGAIN || errno == EWOULDBLOCK || sent > 0 ? sent : -errno, &result);
+      return result;
+    }
+    sent += (double)n;
+  }
+  off_t at = (off_t)offset;
+  size_t left = (size_t)length;
+  while (left > 0) {
+    ssize_t n = sendfile(sock, fd, &at, left);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) {
+      // A full socket, or an error after some bytes (the caller's next write meets it): what went.
+      napi_create_double(env, errno == EAGAIN || errno == EWOULDBLOCK || sent > 0 ? sent : -errno, &result);
+      return result;
+    }
+    if (n == 0) break;
+    sent += (double)n;
+    left -= (size_t)n;
+  }
+  napi_create_double(env, sent, &result);
+  return result;
+}
+
+/* sendBuffer(socket, bytes) -> the socket's send buffer size after asking for `bytes` (SO_SNDBUF; the kernel caps it at net.core.wmem_max and doubles it), or -errno. */
+static napi_value SendBuffer(napi_env env, napi_callback_info info) {
+  size_t argc = 2;
+  napi_value argv[2];
+  int32_t sock, bytes;
+  napi_value result;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 2 ||
+      napi_get_value_int32(env, argv[0], &sock) != napi_ok || napi_get_value_int32(env, argv[1], &bytes) != napi_ok) {
+    napi_throw_type_error(env, NULL, "sendBuffer(socket, bytes)");
+    return NULL;
+  }
+  int got = 0;
+  socklen_t len = sizeof got;
+  if (setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) != 0 ||
+      getsockopt(sock, SOL_SOCKET, SO_SNDBUF, &got, &len) != 0) {
+    got = -errno;
+  }
+  napi_create_int32(env, got, &result);
+  return result;
+}
+
 NAPI_MODULE_INIT() {
   napi_value fn;
   napi_create_function(env, "seek", NAPI_AUTO_LENGTH, Seek, NULL, &fn);
@@ -209,6 +318,12 @@ NAPI_MODULE_INIT() {
   napi_set_named_property(env, exports, "allocate", fn);
   napi_create_function(env, "pageOffset", NAPI_AUTO_LENGTH, PageOffset, NULL, &fn);
   napi_set_named_property(env, exports, "pageOffset", fn);
+  napi_create_function(env, "cachedPages", NAPI_AUTO_LENGTH, CachedPages, NULL, &fn);
+  napi_set_named_property(env, exports, "cachedPages", fn);
+  napi_create_function(env, "sendRange", NAPI_AUTO_LENGTH, SendRange, NULL, &fn);
+  napi_set_named_property(env, exports, "sendRange", fn);
+  napi_create_function(env, "sendBuffer", NAPI_AUTO_LENGTH, SendBuffer, NULL, &fn);
+  napi_set_named_property(env, exports, "sendBuffer", fn);
   napi_create_function(env, "mallocOption", NAPI_AUTO_LENGTH, MallocOption, NULL, &fn);
   napi_set_named_property(env, exports, "mallocOption", fn);
   return exports;

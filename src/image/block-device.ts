@@ -16,6 +16,12 @@ export interface BlockDevice {
    * for any device from blockStatus() and read().
    */
   readSparse?(dst: Uint8Array, offset: number): Promise<number[]>;
+  /**
+   * Optional: `header`, then guest bytes [offset, offset+length), sent to a socket as
+   * Storage.sendCached does, where the range is stored data in one piece of a local file whose
+   * pages are all in memory; undefined (nothing sent) otherwise.
+   */
+  sendCached?(socket: number, header: Uint8Array, offset: number, length: number): Uint8Array[] | undefined;
 }
 
 /**

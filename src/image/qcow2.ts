@@ -454,6 +454,31 @@ export class Qcow2Image implements BlockDevice {
     return holes;
   }
 
+  /**
+   * See BlockDevice.sendCached: where [offset, offset+length) is one run of data clusters,
+   * contiguous in a local file, and its L2 table is cached (nothing to wait for).
+   */
+  sendCached(socket: number, header: Uint8Array, offset: number, length: number): Uint8Array[] | undefined {
+    const storage = this.dataFile ?? this.storage;
+    // Data clusters of a metadata-preallocated image may be holes of the file, sent as holes.
+    if (!storage.sendCached || this.preallocationChecked !== false || this.header.cryptMethod !== CRYPT_NONE) {
+      return undefined;
+    }
+    if (length <= 0 || offset < 0 || offset + length > this.size) return undefined;
+    let run: MappingRun | Promise<MappingRun>;
+    try {
+      run = this.mappingNow(offset, length);
+    } catch {
+      return undefined; // the usual read reports it
+    }
+    if (run instanceof Promise) {
+      run.catch(() => {}); // the table loads for the next request; the usual read reports errors
+      return undefined;
+    }
+    if (run.type !== SubclusterType.Normal || run.length < length) return undefined;
+    return storage.sendCached(socket, header, run.hostOffset as number, length);
+  }
+
   private checkRead(dst: Uint8Array, offset: number): void {
     if (this.header.cryptMethod !== CRYPT_NONE) throw encryptedError(this.header.cryptMethod);
     if (offset < 0 || offset + dst.length > this.size) {

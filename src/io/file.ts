@@ -12,6 +12,7 @@ import {
   write as fsWrite,
   ftruncate,
   openSync,
+  readSync,
   writeSync,
 } from "node:fs";
 import { createRequire } from "node:module";
@@ -28,6 +29,12 @@ type ReadCachedFn = (fd: number, dst: Uint8Array, offset: number) => number;
 type AllocateFn = (fd: number, offset: number, length: number) => number;
 /** Where a buffer's first byte lies within its 4096-byte page. */
 type PageOffsetFn = (b: Uint8Array) => number;
+/** cachestat(): how many pages of a range are in the page cache; -1 where the kernel cannot tell. */
+type CachedPagesFn = (fd: number, offset: number, length: number) => number;
+/** A header, then a file range with sendfile(), to a non-blocking socket: bytes sent, or -errno. */
+type SendRangeFn = (socket: number, header: Uint8Array, fd: number, offset: number, length: number) => number;
+/** setsockopt(SO_SNDBUF): the send buffer's size after asking for `bytes`, or -errno. */
+type SendBufferFn = (socket: number, bytes: number) => number;
 /** mallopt(M_ARENA_MAX or M_MMAP_THRESHOLD, value): true where glibc took it. */
 type MallocOptionFn = (name: "arenaMax" | "mmapThreshold", value: number) => boolean;
 
@@ -43,6 +50,9 @@ interface Native {
   allocate?: AllocateFn;
   pageOffset?: PageOffsetFn;
   mallocOption?: MallocOptionFn;
+  cachedPages?: CachedPagesFn;
+  sendRange?: SendRangeFn;
+  sendBuffer?: SendBufferFn;
 }
 const native: Native = (() => {
   try {
@@ -54,6 +64,16 @@ const native: Native = (() => {
 const seek = native.seek;
 // I/O buffers (ioBuffer) start on a page where the addon can tell where they lie.
 setPageOffsetProbe(native.pageOffset);
+
+/**
+ * Asks for a send buffer of `bytes` on socket descriptor `socket` (SO_SNDBUF; Linux caps it at
+ * net.core.wmem_max, 208 KiB by default, and doubles it): the size it got, or undefined where it
+ * cannot. Kernel memory, used only while a slow reader leaves replies queued.
+ */
+export function setSendBuffer(socket: number, bytes: number): number | undefined {
+  const r = native.sendBuffer?.(socket, bytes);
+  return r === undefined || r < 0 ? undefined : r;
+}
 
 /**
  * Settings of glibc's malloc for the rest of the process; false where it cannot (no addon, not
@@ -83,6 +103,7 @@ export function tuneMalloc(opts: { arenaMax?: number; mmapThreshold?: number }):
  * (nbdcopy) and 2 MiB (convert) reads, the main thread doing the copies itself was slower.
  */
 const CACHED_READ_MAX = 64 * 1024;
+const PAGE = 4096;
 const readCached = native.readCached;
 
 /**
@@ -220,6 +241,37 @@ export class FileStorage implements Storage {
       yield { start: data, length: hole - data, data: true };
       pos = hole;
     }
+  }
+
+  /**
+   * See Storage.sendCached: sendfile() from the page cache, only where cachestat() finds every
+   * page of the range there (a page read from the disk would hold up the caller's thread, the
+   * event loop). What the socket did not take is read here, synchronously, from the cache.
+   */
+  sendCached(socket: number, header: Uint8Array, offset: number, length: number): Uint8Array[] | undefined {
+    const { cachedPages, sendRange } = native;
+    if (!cachedPages || !sendRange || this.fd < 0 || length <= 0) return undefined;
+    const pages = Math.ceil((offset + length) / PAGE) - Math.floor(offset / PAGE);
+    if (cachedPages(this.fd, offset, length) < pages) return undefined;
+    const sent = sendRange(socket, header, this.fd, offset, length);
+    if (sent <= 0) return undefined;
+    const rest: Uint8Array[] = [];
+    if (sent < header.length) rest.push(header.subarray(sent));
+    const done = Math.max(0, sent - header.length);
+    if (done < length) {
+      const b = Buffer.allocUnsafe(length - done);
+      try {
+        for (let at = 0; at < b.length; ) {
+          const n = readSync(this.fd, b, at, b.length - at, offset + done + at);
+          if (n === 0) b.fill(0, at);
+          at = n === 0 ? b.length : at + n;
+        }
+      } catch (e) {
+        throw failed(e, "read from", this.name, offset + done);
+      }
+      rest.push(b);
+    }
+    return rest;
   }
 
   // Positional I/O through fs.read/fs.write on the handle's descriptor: the callback API costs

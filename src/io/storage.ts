@@ -21,6 +21,14 @@ export interface Storage {
    * lseek's SEEK_DATA/SEEK_HOLE tell). Storage without holes leaves this out.
    */
   dataRuns?(offset: number, length: number): AsyncIterable<DataRun>;
+  /**
+   * Optional (local files): sends `header`, then bytes [offset, offset+length) of the storage,
+   * to the non-blocking socket descriptor `socket`, from memory the kernel already holds, without
+   * copying them through this process. Returns what the socket did not take at once, to be
+   * queued on it before anything else; undefined where it sent nothing (the caller sends as
+   * usual).
+   */
+  sendCached?(socket: number, header: Uint8Array, offset: number, length: number): Uint8Array[] | undefined;
 }
 
 export interface DataRun {

@@ -16,6 +16,7 @@ import type * as net from "node:net";
 import { QcowError } from "../errors.js";
 import { type BlockDevice, type Extent, readSparse } from "../image/block-device.js";
 import { ioBuffer } from "../io/buffer.js";
+import { setSendBuffer } from "../io/file.js";
 import { lazyBuiltin } from "../lazy-builtin.js";
 import * as P from "./protocol.js";
 
@@ -112,6 +113,14 @@ function pageBuffer(size: number): Buffer {
   const b = ioBuffer(size);
   return Buffer.from(b.buffer, b.byteOffset, b.length);
 }
+
+/**
+ * A read reply straight from the page cache is tried up to this size: what the socket does not
+ * take at once is copied synchronously, and that copy is bounded.
+ */
+const SEND_CACHED_MAX = 4 * 1024 * 1024;
+/** The send buffer asked for each connection (see Connection's constructor). */
+const SEND_BUFFER = 4 * 1024 * 1024;
 
 /** The client closed, or sent something that ends the connection. */
 class Hangup extends Error {}
@@ -232,6 +241,7 @@ class Connection {
   private idle: Promise<void> | undefined;
   private wakeIdle: (() => void) | undefined;
   private stopping = false;
+  private readonly fd: number;
 
   constructor(
     private readonly socket: net.Socket,
@@ -240,6 +250,17 @@ class Connection {
   ) {
     this.reader = new SocketReader(socket);
     socket.setNoDelay(true);
+    // The socket's descriptor, for replies sent straight from the page cache (see sendCached);
+    // libuv keeps it non-blocking. -1 where there is none (a socket not backed by a descriptor).
+    // Read-only exports only: such a reply refers to the file's pages until the client has read
+    // it (sendfile into a socket takes references, it does not copy), so a cluster discarded and
+    // reused meanwhile by a write would show another part of the disk.
+    const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+    this.fd = typeof fd === "number" && fd >= 0 && exp.readOnly && exp.device.sendCached ? fd : -1;
+    // Room for whole replies in the kernel: a reply the socket takes at once goes from the page
+    // cache without a copy through this process; what it does not take is copied and queued, and
+    // the replies after it are copied too until the queue has drained.
+    if (this.fd >= 0) setSendBuffer(this.fd, SEND_BUFFER);
     const wake = (): void => this.wake();
     socket.on("drain", wake);
     socket.on("close", wake);
@@ -574,6 +595,7 @@ class Connection {
       this.done(req, 0);
       return;
     }
+    if (this.sendCached(req)) return;
     const pooled = readBuffers.take(req.length);
     const buf = pooled.subarray(0, req.length);
     let handedOver = false;
@@ -588,6 +610,39 @@ class Connection {
     } finally {
       if (!handedOver) readBuffers.give(pooled);
     }
+  }
+
+  /**
+   * The whole reply straight from the page cache to the socket (sendCached: one copy, in the
+   * kernel), where the device can: its data in one piece of a local file, all in memory, and
+   * nothing queued on the socket before it. True when sent (or queued).
+   */
+  private sendCached(req: P.Request): boolean {
+    const dev = this.exp.device;
+    if (this.fd < 0 || !dev.sendCached || req.length > SEND_CACHED_MAX) return false;
+    // Only behind nothing: bytes written to the descriptor here must not overtake queued replies.
+    if (this.socket.writableLength > 0 || this.socket.destroyed) return false;
+    let header: Buffer;
+    if (this.structured) {
+      header = Buffer.allocUnsafe(28);
+      P.writeChunkHeader(header, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req, 8 + req.length);
+      P.put32(header, 20, Math.floor(req.offset / 0x1_0000_0000));
+      P.put32(header, 24, req.offset >>> 0);
+    } else {
+      header = P.simpleReply(0, req);
+    }
+    let rest: Uint8Array[] | undefined;
+    try {
+      rest = dev.sendCached(this.fd, header, req.offset, req.length);
+    } catch (e) {
+      // Part of the reply is out and the rest could not be read: nothing can follow it.
+      this.log(`request failed: ${(e as Error).message}`);
+      this.socket.destroy();
+      return true;
+    }
+    if (rest === undefined) return false;
+    for (const part of rest) this.socket.write(part);
+    return true;
   }
 
   /** A structured read reply: data chunks, and holes for zero runs. True once `buf` is sent. */

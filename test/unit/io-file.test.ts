@@ -7,6 +7,7 @@
 import assert from "node:assert/strict";
 import { spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import * as net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
@@ -224,4 +225,51 @@ test("tuneMalloc: with a fixed mmap threshold, freed megabyte buffers leave the 
   const fixed = stayed(true);
   assert.ok(byDefault > 8192, `default threshold: only ${byDefault} KiB stayed`);
   assert.ok(fixed < 4096, `fixed threshold: ${fixed} KiB stayed`);
+});
+
+test("FileStorage.sendCached: a header and a file range reach the socket whole, the rest handed back in order", {
+  timeout: 30_000,
+}, async () => {
+  const file = path.join(dir, "send.bin");
+  const bytes = Buffer.from(noise(24 * 1024 * 1024, 5));
+  writeFileSync(file, bytes); // just written: in the page cache
+  const s = await FileStorage.open(file);
+  const sockPath = path.join(dir, "send.sock");
+  const server = net.createServer();
+  await new Promise<void>((r) => server.listen(sockPath, r));
+  const accepted = new Promise<net.Socket>((r) => server.once("connection", r));
+  const client = net.connect(sockPath);
+  const ours = await accepted;
+  const fd = (ours as unknown as { _handle: { fd: number } })._handle.fd;
+  const received: Buffer[] = [];
+  client.on("data", (d) => received.push(d));
+  const take = async (n: number): Promise<Buffer> => {
+    while (received.reduce((t, b) => t + b.length, 0) < n) await new Promise((r) => setTimeout(r, 5));
+    const all = Buffer.concat(received.splice(0));
+    if (all.length > n) received.push(all.subarray(n));
+    return all.subarray(0, n);
+  };
+  try {
+    // Small: all of it goes at once.
+    const header = Buffer.from("HEADER--");
+    assert.deepEqual(s.sendCached(fd, header, 1000, 5000), []);
+    assert.ok((await take(8 + 5000)).equals(Buffer.concat([header, bytes.subarray(1000, 6000)])));
+    // Past the end of the file: no pages in memory, nothing sent.
+    assert.equal(s.sendCached(fd, header, bytes.length, 4096), undefined);
+    // More than the socket holds while the client does not read: the rest comes back, to be sent
+    // next; together they are the range.
+    client.pause();
+    const rest = s.sendCached(fd, header, 4096, 20 * 1024 * 1024) ?? assert.fail("nothing sent");
+    assert.ok(rest.length > 0, "the socket took all of 20 MiB");
+    for (const part of rest) ours.write(part);
+    client.resume();
+    assert.ok(
+      (await take(8 + 20 * 1024 * 1024)).equals(Buffer.concat([header, bytes.subarray(4096, 4096 + 20 * 1024 * 1024)])),
+    );
+  } finally {
+    client.destroy();
+    ours.destroy();
+    server.close();
+    await s.close();
+  }
 });

@@ -4,7 +4,7 @@
  * with holes, block status, and the refusals the protocol asks for.
  */
 import assert from "node:assert/strict";
-import { mkdtempSync, rmSync } from "node:fs";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import * as net from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -13,6 +13,7 @@ import { nodeCodecs } from "../../src/codec/node.js";
 import { Qcow2Image } from "../../src/image/qcow2.js";
 import * as P from "../../src/nbd/protocol.js";
 import { NbdServer } from "../../src/nbd/server.js";
+import { FileStorage } from "../../src/node.js";
 import { buildImage, type ClusterSpec, pattern } from "./build-image.js";
 
 const dir = mkdtempSync(join(tmpdir(), "qcowkit-nbd-"));
@@ -326,4 +327,76 @@ test("a client beyond --shared waits until a place is free", async () => {
   assert.equal(await greeted, true);
   second.socket.end();
   await server.close();
+});
+
+test("reads from a local file go from the page cache straight to the socket, intact and whole beside the others", {
+  timeout: 60_000,
+}, async () => {
+  // 4 MiB of data clusters in a file (in the page cache: just written), a zero cluster among
+  // them. Requests of data alone are sent with sendfile() where the socket is free; with the
+  // client not reading, the socket fills, a reply goes out in part and the rest is queued, and the
+  // replies behind it are copied. Every reply must arrive whole, as the image holds it.
+  const cs = 64 * 1024;
+  const clusters: ClusterSpec[] = [];
+  for (let g = 0; g < 64; g++)
+    clusters.push(
+      g === 40 ? { guestCluster: g, kind: "zero" } : { guestCluster: g, kind: "data", data: pattern(cs, g) },
+    );
+  const built = buildImage({ size: 8 * 1024 * 1024, clusterBits: 16, clusters });
+  const file = join(dir, "file.qcow2");
+  writeFileSync(file, built.bytes);
+  const img = await Qcow2Image.open(await FileStorage.open(file), { readOnly: true });
+  const guest = Buffer.alloc(64 * cs);
+  await img.read(guest, 0);
+  let fast = 0;
+  let partial = 0;
+  const send = img.sendCached.bind(img);
+  img.sendCached = (socket, header, offset, length) => {
+    const rest = send(socket, header, offset, length);
+    if (rest !== undefined) fast++;
+    if (rest !== undefined && rest.length > 0) partial++;
+    return rest;
+  };
+  const server = new NbdServer({
+    export: { name: "disk", description: "", device: img, readOnly: true, fastZero: false, multiConn: false },
+    shared: 1,
+  });
+  const path = join(dir, `s${sockets++}.sock`);
+  await server.listen({ path });
+  const c = await Client.connect(path);
+  await go(c, true);
+  c.socket.pause();
+  // 256 KiB reads of all the data, eight times over (32 MiB of replies: more than the socket
+  // holds), and reads across the zero cluster.
+  const reads = new Map<number, [number, number]>();
+  let handle = 1;
+  for (let round = 0; round < 8; round++) {
+    for (let at = 0; at < 64 * cs; at += 4 * cs) reads.set(handle++, [at, 4 * cs]);
+    reads.set(handle++, [39 * cs + 100, 2 * cs]);
+  }
+  for (const [h, [offset, length]] of reads) c.request(P.CMD_READ, h, offset, length);
+  await new Promise((r) => setTimeout(r, 100));
+  c.socket.resume();
+  const got = new Map<number, Buffer>();
+  const started = new Map<number, Buffer>();
+  while (got.size < reads.size) {
+    const ch = await c.chunk();
+    const [offset, length] = reads.get(ch.handle) ?? assert.fail(`unknown handle ${ch.handle}`);
+    assert.ok(!got.has(ch.handle), `a chunk after the last of reply ${ch.handle}`);
+    const into = started.get(ch.handle) ?? Buffer.alloc(length, 0xee);
+    started.set(ch.handle, into);
+    const at = Number(ch.data.readBigUInt64BE(0)) - offset;
+    if (ch.type === P.REPLY_TYPE_OFFSET_DATA) ch.data.copy(into, at, 8);
+    else if (ch.type === P.REPLY_TYPE_OFFSET_HOLE) into.fill(0, at, at + ch.data.readUInt32BE(8));
+    else assert.fail(`reply type ${ch.type}`);
+    if (ch.flags & P.REPLY_FLAG_DONE) got.set(ch.handle, into);
+  }
+  for (const [h, [offset, length]] of reads) {
+    assert.ok(got.get(h)?.equals(guest.subarray(offset, offset + length)), `reply ${h} (${offset}+${length})`);
+  }
+  assert.ok(fast > 0, "no reply went from the page cache");
+  assert.ok(partial > 0, "the socket never filled");
+  c.socket.end();
+  await server.close();
+  await img.close();
 });
