@@ -26,4 +26,17 @@ static inline bool get_two_buffers(napi_env env, napi_callback_info info, const 
   }
   return true;
 }
+
+/*
+ * Exactly `n` (at most 4) number arguments into `out`; otherwise a TypeError with `usage` is
+ * thrown and false returned. Descriptors and small codes come through a double exactly.
+ */
+static inline bool get_numbers(napi_env env, napi_callback_info info, const char *usage, size_t n, double *out) {
+  size_t argc = n;
+  napi_value argv[4];
+  bool ok = n <= 4 && napi_get_cb_info(env, info, &argc, argv, NULL, NULL) == napi_ok && argc == n;
+  for (size_t i = 0; ok && i < n; i++) ok = napi_get_value_double(env, argv[i], &out[i]) == napi_ok;
+  if (!ok) napi_throw_type_error(env, NULL, usage);
+  return ok;
+}
 #endif

@@ -30,19 +30,10 @@
 
 /* seek(fd, offset, whence) -> offset, or -1 when there is no data/hole at or after offset (ENXIO). */
 static napi_value Seek(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  int32_t fd, which;
-  double offset;
+  double a[3];
   napi_value result;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
-      napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_double(env, argv[1], &offset) != napi_ok ||
-      napi_get_value_int32(env, argv[2], &which) != napi_ok) {
-    napi_throw_type_error(env, NULL, "seek(fd, offset, 0 for data | 1 for hole)");
-    return NULL;
-  }
-  off_t r = lseek(fd, (off_t)offset, which == 0 ? SEEK_DATA : SEEK_HOLE);
+  if (!get_numbers(env, info, "seek(fd, offset, 0 for data | 1 for hole)", 3, a)) return NULL;
+  off_t r = lseek((int)a[0], (off_t)a[1], a[2] == 0 ? SEEK_DATA : SEEK_HOLE);
   if (r < 0) {
     if (errno == ENXIO) {
       napi_create_double(env, -1, &result);
@@ -61,24 +52,20 @@ static napi_value Seek(napi_env env, napi_callback_info info) {
  * description holds a conflicting lock). Never blocks.
  */
 static napi_value Lock(napi_env env, napi_callback_info info) {
-  size_t argc = 4;
-  napi_value argv[4];
-  int32_t fd, op;
-  double start, len;
+  const char *usage = "lock(fd, start, len, 0 unlock | 1 shared | 2 exclusive | 3 test shared | 4 test exclusive)";
+  double a[4];
   napi_value result;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 4 ||
-      napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_double(env, argv[1], &start) != napi_ok ||
-      napi_get_value_double(env, argv[2], &len) != napi_ok ||
-      napi_get_value_int32(env, argv[3], &op) != napi_ok || op < 0 || op > 4) {
-    napi_throw_type_error(env, NULL, "lock(fd, start, len, 0 unlock | 1 shared | 2 exclusive | 3 test shared | 4 test exclusive)");
+  if (!get_numbers(env, info, usage, 4, a)) return NULL;
+  int fd = (int)a[0], op = (int)a[3];
+  if (a[3] != op || op < 0 || op > 4) {
+    napi_throw_type_error(env, NULL, usage);
     return NULL;
   }
   struct flock fl;
   memset(&fl, 0, sizeof fl);
   fl.l_whence = SEEK_SET;
-  fl.l_start = (off_t)start;
-  fl.l_len = (off_t)len;
+  fl.l_start = (off_t)a[1];
+  fl.l_len = (off_t)a[2];
   fl.l_type = op == 0 ? F_UNLCK : (op == 1 || op == 3) ? F_RDLCK : F_WRLCK;
   int err = 0;
   if (fcntl(fd, op >= 3 ? F_OFD_GETLK : F_OFD_SETLK, &fl) == -1) {
@@ -128,20 +115,11 @@ static napi_value ReadCached(napi_env env, napi_callback_info info) {
  * the write (ext4's delayed allocation). EOPNOTSUPP where the file system cannot.
  */
 static napi_value Allocate(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  int32_t fd;
-  double offset, length;
+  double a[3];
   napi_value result;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
-      napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_double(env, argv[1], &offset) != napi_ok ||
-      napi_get_value_double(env, argv[2], &length) != napi_ok) {
-    napi_throw_type_error(env, NULL, "allocate(fd, offset, length)");
-    return NULL;
-  }
+  if (!get_numbers(env, info, "allocate(fd, offset, length)", 3, a)) return NULL;
   int err = 0;
-  while (fallocate(fd, 0, (off_t)offset, (off_t)length) == -1) {
+  while (fallocate((int)a[0], 0, (off_t)a[1], (off_t)a[2]) == -1) {
     if (errno != EINTR) {
       err = errno;
       break;
@@ -215,30 +193,21 @@ struct qk_cachestat {
  * (cachestat, Linux 6.5), or -1 where the kernel cannot tell.
  */
 static napi_value CachedPages(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3];
-  int32_t fd;
-  double offset, length;
+  double a[3];
   napi_value result;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
-      napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_double(env, argv[1], &offset) != napi_ok ||
-      napi_get_value_double(env, argv[2], &length) != napi_ok) {
-    napi_throw_type_error(env, NULL, "cachedPages(fd, offset, length)");
-    return NULL;
-  }
-  struct qk_cachestat_range range = {(uint64_t)offset, (uint64_t)length};
+  if (!get_numbers(env, info, "cachedPages(fd, offset, length)", 3, a)) return NULL;
+  struct qk_cachestat_range range = {(uint64_t)a[1], (uint64_t)a[2]};
   struct qk_cachestat cs;
-  long r = syscall(__NR_cachestat, fd, &range, &cs, 0);
+  long r = syscall(__NR_cachestat, (int)a[0], &range, &cs, 0);
   napi_create_double(env, r < 0 ? -1 : (double)cs.nr_cache, &result);
   return result;
 }
 
 /*
  * sendRange(socket, header, fd, offset, length) -> bytes sent: the header, then `length` bytes
- * of file `fd` from `offset` (sendfile: the kernel copies them from the page cache into the
- * socket, with no read into memory of ours), up to where the non-blocking socket is full; or
- * -errno when not a byte could be sent.
+ * of file `fd` from `offset` (sendfile: from the page cache to the socket inside the kernel, with
+ * no read into memory of ours; into a Unix socket since Linux 6.5 the pages themselves go, not a
+ * copy), up to where the non-blocking socket is full; or -errno when not a byte could be sent.
  */
 static napi_value SendRange(napi_env env, napi_callback_info info) {
   size_t argc = 5;
@@ -285,18 +254,15 @@ static napi_value SendRange(napi_env env, napi_callback_info info) {
   return result;
 }
 
-/* sendBuffer(socket, bytes) -> the socket's send buffer size after asking for `bytes` (SO_SNDBUF; the kernel caps it at net.core.wmem_max and doubles it), or -errno. */
+/*
+ * sendBuffer(socket, bytes) -> the socket's send buffer size after asking for `bytes` (SO_SNDBUF;
+ * the kernel caps it at net.core.wmem_max and doubles it), or -errno.
+ */
 static napi_value SendBuffer(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2];
-  int32_t sock, bytes;
+  double a[2];
   napi_value result;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 2 ||
-      napi_get_value_int32(env, argv[0], &sock) != napi_ok || napi_get_value_int32(env, argv[1], &bytes) != napi_ok) {
-    napi_throw_type_error(env, NULL, "sendBuffer(socket, bytes)");
-    return NULL;
-  }
-  int got = 0;
+  if (!get_numbers(env, info, "sendBuffer(socket, bytes)", 2, a)) return NULL;
+  int sock = (int)a[0], bytes = (int)a[1], got = 0;
   socklen_t len = sizeof got;
   if (setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes) != 0 ||
       getsockopt(sock, SOL_SOCKET, SO_SNDBUF, &got, &len) != 0) {

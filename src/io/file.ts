@@ -66,6 +66,20 @@ const seek = native.seek;
 setPageOffsetProbe(native.pageOffset);
 
 /**
+ * Whether this kernel tells which pages of a file are in the page cache (cachestat, Linux 6.5):
+ * without it FileStorage.sendCached never sends, as it cannot know that no page must be read.
+ */
+export function pageCacheVisible(): boolean {
+  if (!native.cachedPages) return false;
+  const fd = openSync(process.execPath, "r");
+  try {
+    return native.cachedPages(fd, 0, 4096) >= 0;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/**
  * Asks for a send buffer of `bytes` on socket descriptor `socket` (SO_SNDBUF; Linux caps it at
  * net.core.wmem_max, 208 KiB by default, and doubles it): the size it got, or undefined where it
  * cannot. Kernel memory, used only while a slow reader leaves replies queued.

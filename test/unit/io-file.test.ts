@@ -12,7 +12,7 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, test } from "node:test";
 import { QcowError } from "../../src/errors.js";
-import { FileStorage } from "../../src/io/file.js";
+import { FileStorage, pageCacheVisible } from "../../src/io/file.js";
 import { noise } from "./build-image.js";
 
 const dir = mkdtempSync(path.join(tmpdir(), "qcowkit-io-file-"));
@@ -250,8 +250,13 @@ test("FileStorage.sendCached: a header and a file range reach the socket whole, 
     return all.subarray(0, n);
   };
   try {
-    // Small: all of it goes at once.
     const header = Buffer.from("HEADER--");
+    if (!pageCacheVisible()) {
+      // A kernel that cannot tell what is cached (before Linux 6.5): nothing is ever sent so.
+      assert.equal(s.sendCached(fd, header, 1000, 5000), undefined);
+      return;
+    }
+    // Small: all of it goes at once.
     assert.deepEqual(s.sendCached(fd, header, 1000, 5000), []);
     assert.ok((await take(8 + 5000)).equals(Buffer.concat([header, bytes.subarray(1000, 6000)])));
     // Past the end of the file: no pages in memory, nothing sent.

@@ -11,6 +11,7 @@ import { join } from "node:path";
 import { after, test } from "node:test";
 import { nodeCodecs } from "../../src/codec/node.js";
 import { Qcow2Image } from "../../src/image/qcow2.js";
+import { pageCacheVisible } from "../../src/io/file.js";
 import * as P from "../../src/nbd/protocol.js";
 import { NbdServer } from "../../src/nbd/server.js";
 import { FileStorage } from "../../src/node.js";
@@ -394,8 +395,13 @@ test("reads from a local file go from the page cache straight to the socket, int
   for (const [h, [offset, length]] of reads) {
     assert.ok(got.get(h)?.equals(guest.subarray(offset, offset + length)), `reply ${h} (${offset}+${length})`);
   }
-  assert.ok(fast > 0, "no reply went from the page cache");
-  assert.ok(partial > 0, "the socket never filled");
+  if (pageCacheVisible()) {
+    assert.ok(fast > 0, "no reply went from the page cache");
+    assert.ok(partial > 0, "the socket never filled");
+  } else {
+    // A kernel that cannot tell what is cached (before Linux 6.5): every reply is copied.
+    assert.equal(fast, 0);
+  }
   c.socket.end();
   await server.close();
   await img.close();
