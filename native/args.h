@@ -39,4 +39,11 @@ static inline bool get_numbers(napi_env env, napi_callback_info info, const char
   if (!ok) napi_throw_type_error(env, NULL, usage);
   return ok;
 }
+
+/*
+ * An exported function, for napi_define_properties in a module's init: writable, enumerable and
+ * configurable, as a property set by assignment is (tests wrap them).
+ */
+#define EXPORT_FUNCTION(name, fn) \
+  {name, NULL, fn, NULL, NULL, NULL, (napi_property_attributes)(napi_writable | napi_enumerable | napi_configurable), NULL}
 #endif

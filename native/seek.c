@@ -273,24 +273,17 @@ static napi_value SendBuffer(napi_env env, napi_callback_info info) {
 }
 
 NAPI_MODULE_INIT() {
-  napi_value fn;
-  napi_create_function(env, "seek", NAPI_AUTO_LENGTH, Seek, NULL, &fn);
-  napi_set_named_property(env, exports, "seek", fn);
-  napi_create_function(env, "lock", NAPI_AUTO_LENGTH, Lock, NULL, &fn);
-  napi_set_named_property(env, exports, "lock", fn);
-  napi_create_function(env, "readCached", NAPI_AUTO_LENGTH, ReadCached, NULL, &fn);
-  napi_set_named_property(env, exports, "readCached", fn);
-  napi_create_function(env, "allocate", NAPI_AUTO_LENGTH, Allocate, NULL, &fn);
-  napi_set_named_property(env, exports, "allocate", fn);
-  napi_create_function(env, "pageOffset", NAPI_AUTO_LENGTH, PageOffset, NULL, &fn);
-  napi_set_named_property(env, exports, "pageOffset", fn);
-  napi_create_function(env, "cachedPages", NAPI_AUTO_LENGTH, CachedPages, NULL, &fn);
-  napi_set_named_property(env, exports, "cachedPages", fn);
-  napi_create_function(env, "sendRange", NAPI_AUTO_LENGTH, SendRange, NULL, &fn);
-  napi_set_named_property(env, exports, "sendRange", fn);
-  napi_create_function(env, "sendBuffer", NAPI_AUTO_LENGTH, SendBuffer, NULL, &fn);
-  napi_set_named_property(env, exports, "sendBuffer", fn);
-  napi_create_function(env, "mallocOption", NAPI_AUTO_LENGTH, MallocOption, NULL, &fn);
-  napi_set_named_property(env, exports, "mallocOption", fn);
+  napi_property_descriptor functions[] = {
+    EXPORT_FUNCTION("seek", Seek),
+    EXPORT_FUNCTION("lock", Lock),
+    EXPORT_FUNCTION("readCached", ReadCached),
+    EXPORT_FUNCTION("allocate", Allocate),
+    EXPORT_FUNCTION("pageOffset", PageOffset),
+    EXPORT_FUNCTION("cachedPages", CachedPages),
+    EXPORT_FUNCTION("sendRange", SendRange),
+    EXPORT_FUNCTION("sendBuffer", SendBuffer),
+    EXPORT_FUNCTION("mallocOption", MallocOption),
+  };
+  napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
   return exports;
 }

@@ -189,12 +189,11 @@ static napi_value DeflateClusters(napi_env env, napi_callback_info info) {
 }
 
 NAPI_MODULE_INIT() {
-  napi_value fn;
-  napi_create_function(env, "deflate", NAPI_AUTO_LENGTH, Deflate, NULL, &fn);
-  napi_set_named_property(env, exports, "deflate", fn);
-  napi_create_function(env, "inflate", NAPI_AUTO_LENGTH, Inflate, NULL, &fn);
-  napi_set_named_property(env, exports, "inflate", fn);
-  napi_create_function(env, "deflateClusters", NAPI_AUTO_LENGTH, DeflateClusters, NULL, &fn);
-  napi_set_named_property(env, exports, "deflateClusters", fn);
+  napi_property_descriptor functions[] = {
+    EXPORT_FUNCTION("deflate", Deflate),
+    EXPORT_FUNCTION("inflate", Inflate),
+    EXPORT_FUNCTION("deflateClusters", DeflateClusters),
+  };
+  napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
   return exports;
 }

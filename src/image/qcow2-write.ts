@@ -201,10 +201,6 @@ export class Qcow2Writer {
     return this.img.dataFile !== undefined && (this.img.header.autoclearFeatures & AUTOCLEAR_DATA_FILE_RAW) !== 0n;
   }
 
-  private get dataStorage() {
-    return this.img.dataFile ?? this.img.storage;
-  }
-
   // ---- mapping helpers -------------------------------------------------------------------
 
   /** The entry of guest cluster `gc` (undefined: no L2 table). */
@@ -390,7 +386,7 @@ export class Qcow2Writer {
     this.checkOverlapInPlace(host, data.length);
     this.beginIo();
     try {
-      await this.dataStorage.write(data, host);
+      await this.img.dataStorage.write(data, host);
     } finally {
       this.endIo();
     }
@@ -551,7 +547,7 @@ export class Qcow2Writer {
             );
           }
           if (keep[pieces[i].gc - c0]) this.checkOverlapInPlace(pieces[i].host, buf.length);
-          writes.push(this.dataStorage.write(buf, pieces[i].host));
+          writes.push(this.img.dataStorage.write(buf, pieces[i].host));
           i = j;
         }
         await Promise.all(writes);
@@ -778,7 +774,7 @@ export class Qcow2Writer {
   private async writeRealZeroesToDataFile(from: number, to: number): Promise<void> {
     const chunk = new Uint8Array(Math.min(to - from, 1024 * 1024));
     for (let pos = from; pos < to; pos += chunk.length) {
-      await this.dataStorage.write(chunk.subarray(0, Math.min(chunk.length, to - pos)), pos);
+      await this.img.dataStorage.write(chunk.subarray(0, Math.min(chunk.length, to - pos)), pos);
     }
   }
 
@@ -938,13 +934,13 @@ export class Qcow2Writer {
           const bytes = (j - i) * cs;
           const zeros = new Uint8Array(Math.min(bytes, 4 * 1024 * 1024));
           for (let at = 0; at < bytes; at += zeros.length) {
-            await this.dataStorage.write(zeros.subarray(0, Math.min(zeros.length, bytes - at)), hosts[i] + at);
+            await this.img.dataStorage.write(zeros.subarray(0, Math.min(zeros.length, bytes - at)), hosts[i] + at);
           }
           i = j;
         }
-      } else if ((await this.dataStorage.size()) < end) {
+      } else if ((await this.img.dataStorage.size()) < end) {
         // The clusters must exist in the file (as holes) for the image to be consistent.
-        await this.dataStorage.truncate(end);
+        await this.img.dataStorage.truncate(end);
       }
       await this.maybeWriteBack();
     }

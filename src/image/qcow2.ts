@@ -459,7 +459,7 @@ export class Qcow2Image implements BlockDevice {
    * contiguous in a local file, and its L2 table is cached (nothing to wait for).
    */
   sendCached(socket: number, header: Uint8Array, offset: number, length: number): Uint8Array[] | undefined {
-    const storage = this.dataFile ?? this.storage;
+    const storage = this.dataStorage;
     // Data clusters of a metadata-preallocated image may be holes of the file, sent as holes.
     if (!storage.sendCached || this.preallocationChecked !== false || this.header.cryptMethod !== CRYPT_NONE) {
       return undefined;
@@ -477,6 +477,11 @@ export class Qcow2Image implements BlockDevice {
     }
     if (run.type !== SubclusterType.Normal || run.length < length) return undefined;
     return storage.sendCached(socket, header, run.hostOffset as number, length);
+  }
+
+  /** @internal Where the data clusters are: the external data file, or the image itself. */
+  get dataStorage(): Storage {
+    return this.dataFile ?? this.storage;
   }
 
   private checkRead(dst: Uint8Array, offset: number): void {
@@ -517,7 +522,7 @@ export class Qcow2Image implements BlockDevice {
         const part = dst.subarray(pos - offset, pos - offset + run.length);
         const t = run.type;
         if (t === SubclusterType.Normal) {
-          jobs.push(readFull(this.dataFile ?? this.storage, part, run.hostOffset as number));
+          jobs.push(readFull(this.dataStorage, part, run.hostOffset as number));
         } else if (holes === undefined || t === SubclusterType.Compressed) {
           jobs.push(this.readRun(run, part, pos));
         } else if (t === SubclusterType.ZeroPlain || t === SubclusterType.ZeroAlloc) {
@@ -686,7 +691,7 @@ export class Qcow2Image implements BlockDevice {
 
   /** Data extents of a metadata-preallocated image, split where the file has holes. */
   private async *splitHoles(start: number, length: number, hostOffset: number, file: string): AsyncIterable<Extent> {
-    const storage = this.dataFile ?? this.storage;
+    const storage = this.dataStorage;
     const fileEnd = await storage.size();
     const runs = storage.dataRuns ? storage.dataRuns(hostOffset, length) : [{ start: hostOffset, length, data: true }];
     for await (const r of runs) {

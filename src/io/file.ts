@@ -277,8 +277,11 @@ export class FileStorage implements Storage {
       try {
         for (let at = 0; at < b.length; ) {
           const n = readSync(this.fd, b, at, b.length - at, offset + done + at);
-          if (n === 0) b.fill(0, at);
-          at = n === 0 ? b.length : at + n;
+          if (n === 0) {
+            b.fill(0, at); // past the end of the file, as readFull
+            break;
+          }
+          at += n;
         }
       } catch (e) {
         throw failed(e, "read from", this.name, offset + done);

@@ -193,6 +193,25 @@ export function writeChunkHeader(b: Uint8Array, flags: number, type: number, req
   put32(b, 16, length);
 }
 
+/**
+ * Writes the header of an OFFSET_DATA or OFFSET_HOLE chunk for the run [offset, offset+length)
+ * into `b`: the chunk header and the offset (28 bytes), and for a hole its length (32 bytes).
+ */
+export function writeOffsetChunk(
+  b: Uint8Array,
+  flags: number,
+  type: number,
+  req: Cookie,
+  offset: number,
+  length: number,
+): void {
+  const hole = type === REPLY_TYPE_OFFSET_HOLE;
+  writeChunkHeader(b, flags, type, req, hole ? 12 : 8 + length);
+  put32(b, 20, Math.floor(offset / 0x1_0000_0000));
+  put32(b, 24, offset >>> 0);
+  if (hole) put32(b, 28, length);
+}
+
 export function errorChunk(req: Cookie, error: number, message: string): Buffer {
   const msg = Buffer.from(message.slice(0, 1024), "utf8");
   const b = Buffer.alloc(6 + msg.length);

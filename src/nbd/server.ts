@@ -613,8 +613,8 @@ class Connection {
   }
 
   /**
-   * The whole reply straight from the page cache to the socket (sendCached: one copy, in the
-   * kernel), where the device can: its data in one piece of a local file, all in memory, and
+   * The whole reply straight from the page cache to the socket (sendCached: no copy through this
+   * process), where the device can: its data in one piece of a local file, all in memory, and
    * nothing queued on the socket before it. True when sent (or queued).
    */
   private sendCached(req: P.Request): boolean {
@@ -625,9 +625,7 @@ class Connection {
     let header: Buffer;
     if (this.structured) {
       header = Buffer.allocUnsafe(28);
-      P.writeChunkHeader(header, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req, 8 + req.length);
-      P.put32(header, 20, Math.floor(req.offset / 0x1_0000_0000));
-      P.put32(header, 24, req.offset >>> 0);
+      P.writeOffsetChunk(header, P.REPLY_FLAG_DONE, P.REPLY_TYPE_OFFSET_DATA, req, req.offset, req.length);
     } else {
       header = P.simpleReply(0, req);
     }
@@ -665,15 +663,9 @@ class Connection {
       const size = type === P.REPLY_TYPE_OFFSET_DATA ? 28 : 32;
       const h = headers.subarray(at, at + size);
       at += size;
-      P.writeChunkHeader(h, done, type, req, size === 28 ? 8 + length : 12);
-      P.put32(h, 20, Math.floor(start / 0x1_0000_0000));
-      P.put32(h, 24, start >>> 0);
-      if (size === 28) {
-        out.push(h, buf.subarray(start - req.offset, start - req.offset + length));
-      } else {
-        P.put32(h, 28, length);
-        out.push(h);
-      }
+      P.writeOffsetChunk(h, done, type, req, start, length);
+      if (size === 28) out.push(h, buf.subarray(start - req.offset, start - req.offset + length));
+      else out.push(h);
     };
     let pos = req.offset;
     for (let i = 0; i < holes.length; i += 2) {
