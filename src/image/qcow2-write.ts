@@ -351,9 +351,13 @@ export class Qcow2Writer {
             runEnd = nEnd;
             count++;
           }
+          // The parts of one write allocate one after another, in guest order, as QEMU's do.
+          const after = allocations[allocations.length - 1];
           let allocated!: () => void;
           allocations.push(new Promise<void>((r) => (allocated = r)));
-          jobs.push(handled(this.allocatingWrite(src.subarray(pos - offset, runEnd - offset), pos, turn, allocated)));
+          jobs.push(
+            handled(this.allocatingWrite(src.subarray(pos - offset, runEnd - offset), pos, turn, allocated, after)),
+          );
         }
         pos = runEnd;
       }
@@ -421,12 +425,15 @@ export class Qcow2Writer {
   /**
    * Writes `data` at guest `offset` into clusters that need new host space or a change of
    * their L2 entry: copy-on-write of the parts of each cluster the request does not cover.
+   * It allocates on its `turn`, and after `after` (the allocation of the same write's part
+   * before it).
    */
   private async allocatingWrite(
     data: Uint8Array,
     offset: number,
     turn = this.turns.take(),
     allocated: () => void = () => this.turns.done(turn),
+    after?: Promise<void>,
   ): Promise<void> {
     const img = this.img;
     const cs = this.cs;
@@ -436,6 +443,7 @@ export class Qcow2Writer {
     // The turn comes before the cluster lock: a write waiting for its turn holds no lock.
     try {
       await this.turns.wait(turn);
+      if (after) await after;
     } catch (e) {
       allocated();
       throw e;

@@ -117,6 +117,18 @@ class Pacer {
 
 type Range = { start: number; length: number; zero: boolean };
 
+type Slot = {
+  /**
+   * Resolves when this chunk's writes may start: with `dataOnly`, once the chunk before it has
+   * issued its writes; otherwise once every earlier write is done.
+   */
+  start: (dataOnly: boolean) => Promise<void>;
+  /** This chunk's writes are issued. */
+  issued: () => void;
+  /** This chunk's writes are done (or failed, or there were none). */
+  done: () => void;
+};
+
 /** The sources' extents in target coordinates: data to copy, zeros, and (-B) nothing. */
 async function* targetRanges(sources: BlockDevice[], topLayerOnly: boolean): AsyncIterable<Range> {
   let base = 0;
@@ -161,19 +173,35 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     done += n;
     opts.onProgress?.(total === 0 ? 1 : done / total);
   };
-  // Without -W, a chunk's writes start only once the previous chunk's writes are done (the
-  // place in line is taken when the chunk is dispatched, in guest order), as qemu-img does: a
-  // new image allocates its clusters in guest order, and one file never has two writers
-  // contending for its inode lock. Reads still run ahead in parallel.
+  // Without -W, writes are issued in guest order, as qemu-img's are: a new image allocates its
+  // clusters in guest order. A chunk of data only (its zero blocks skipped) is issued as soon as
+  // the chunk before it has issued its writes: the target allocates in call order, and the
+  // chunk's pwrite is queued behind the one in flight instead of waiting for its completion to
+  // come back through the event loop. Anything else (zero writes, compressed clusters) starts
+  // once every earlier write is done.
+  let previousIssued: Promise<void> = Promise.resolve();
   let previousDone: Promise<void> = Promise.resolve();
-  const takeSlot = (): { run: (write: () => Promise<void>) => Promise<void>; release: () => void } => {
-    if (opts.outOfOrder) return { run: (write) => write(), release: () => {} };
-    const previous = previousDone;
-    let done!: () => void;
-    previousDone = new Promise<void>((r) => {
-      done = r;
+  const takeSlot = (): Slot => {
+    if (opts.outOfOrder) return { start: () => Promise.resolve(), issued: () => {}, done: () => {} };
+    const issuedBefore = previousIssued;
+    const doneBefore = previousDone;
+    let issued!: () => void;
+    let own!: () => void;
+    previousIssued = new Promise<void>((r) => {
+      issued = r;
     });
-    return { run: (write) => previous.then(write), release: () => done() };
+    const ownDone = new Promise<void>((r) => {
+      own = r;
+    });
+    previousDone = doneBefore.then(() => ownDone);
+    return {
+      start: (dataOnly) => (dataOnly ? issuedBefore : doneBefore),
+      issued: () => issued(),
+      done: () => {
+        issued();
+        own();
+      },
+    };
   };
 
   /** Copies [dst, dst+length); `counted` of it is progress (the rest belongs to other ranges). */
@@ -186,20 +214,21 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
       const packed = compressor ? await compressor.compress(buf, (target as CompressedTarget).clusterSize) : undefined;
       const readMs = performance.now() - t0;
       try {
-        await slot.run(async () => {
-          const t1 = performance.now();
-          if (packed) await writeClusters(target as CompressedTarget, buf, dst, packed.clusters, targetZeroed);
-          else await writeSparse(target, buf, dst, minSparse, targetZeroed);
-          if (pacer) {
-            pacer.observe(readMs, performance.now() - t1);
-            pool.limit = pacer.window;
-          }
-        });
+        const runs = packed ? undefined : sparseRuns(buf, dst, minSparse, target.size);
+        const dataOnly = runs !== undefined && (targetZeroed || runs.every((r) => !r.zero));
+        await slot.start(dataOnly);
+        const t1 = performance.now();
+        if (packed) await writeClusters(target as CompressedTarget, buf, dst, packed.clusters, targetZeroed);
+        else await writeRuns(target, buf, dst, runs as Run[], targetZeroed, dataOnly ? slot.issued : undefined);
+        if (pacer) {
+          pacer.observe(readMs, performance.now() - t1);
+          pool.limit = pacer.window;
+        }
       } finally {
         packed?.release();
       }
     } finally {
-      slot.release();
+      slot.done();
       buffers.push(new Uint8Array(buf.buffer, buf.byteOffset, chunkSize));
     }
     advance(counted);
@@ -213,7 +242,12 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
       if (!targetZeroed) {
         const { start, length } = r;
         const slot = takeSlot();
-        await pool.add(() => slot.run(() => target.writeZeroes(start, length)).finally(slot.release));
+        await pool.add(() =>
+          slot
+            .start(false)
+            .then(() => target.writeZeroes(start, length))
+            .finally(slot.done),
+        );
       }
       advance(r.length);
       continue;
@@ -261,41 +295,53 @@ async function writeClusters(
   }
 }
 
+type Run = { start: number; end: number; zero: boolean };
+
 /**
- * Writes `buf` at `offset`, leaving out (or zero-writing, on a target that is not zeroed) the
- * all-zero blocks of `minSparse` bytes aligned in the target.
+ * `buf` (at `offset`) in runs of data and zeros: all-zero blocks of `minSparse` bytes aligned in
+ * the target are zero runs. With `minSparse` 0, one run of data.
  */
-async function writeSparse(
-  target: BlockDevice,
-  buf: Uint8Array,
-  offset: number,
-  minSparse: number,
-  targetZeroed: boolean,
-): Promise<void> {
-  if (minSparse <= 0) {
-    await target.write(buf, offset);
-    return;
-  }
-  // Each run is written as soon as it ends, one after another, in order: a new image allocates
-  // their clusters in guest order.
-  let runStart = 0;
-  let runZero: boolean | undefined;
-  const flush = async (end: number): Promise<void> => {
-    if (runZero === undefined || end === runStart) return;
-    const at = offset + runStart;
-    if (!runZero) await target.write(buf.subarray(runStart, end), at);
-    else if (!targetZeroed) await target.writeZeroes(at, end - runStart);
-  };
+function sparseRuns(buf: Uint8Array, offset: number, minSparse: number, targetSize: number): Run[] {
+  if (minSparse <= 0) return [{ start: 0, end: buf.length, zero: false }];
+  const runs: Run[] = [];
   for (let at = 0; at < buf.length; ) {
     const blockEnd = Math.min(buf.length, at + minSparse - ((offset + at) % minSparse));
     const zero =
-      blockEnd - at === minSparse || offset + blockEnd === target.size ? isZero(buf.subarray(at, blockEnd)) : false;
-    if (zero !== runZero) {
-      await flush(at);
-      runStart = at;
-      runZero = zero;
-    }
+      blockEnd - at === minSparse || offset + blockEnd === targetSize ? isZero(buf.subarray(at, blockEnd)) : false;
+    const last = runs[runs.length - 1];
+    if (last !== undefined && last.zero === zero) last.end = blockEnd;
+    else runs.push({ start: at, end: blockEnd, zero });
     at = blockEnd;
   }
-  await flush(buf.length);
+  return runs;
+}
+
+/**
+ * Writes the runs of `buf` at `offset`: data runs written, zero runs left out (or zero-written,
+ * on a target that is not zeroed). With `issued`, the runs are data only (or zeros left out):
+ * their writes are all issued at once, in order, and `issued` is called before they complete.
+ * Otherwise each run is written once the one before it is done.
+ */
+async function writeRuns(
+  target: BlockDevice,
+  buf: Uint8Array,
+  offset: number,
+  runs: Run[],
+  targetZeroed: boolean,
+  issued?: () => void,
+): Promise<void> {
+  if (issued) {
+    const writes: Promise<void>[] = [];
+    for (const r of runs) if (!r.zero) writes.push(target.write(buf.subarray(r.start, r.end), offset + r.start));
+    issued();
+    if (writes.length === 1) return writes[0];
+    const failed = (await Promise.allSettled(writes)).find((r) => r.status === "rejected");
+    if (failed) throw (failed as PromiseRejectedResult).reason;
+    return;
+  }
+  for (const r of runs) {
+    const at = offset + r.start;
+    if (!r.zero) await target.write(buf.subarray(r.start, r.end), at);
+    else if (!targetZeroed) await target.writeZeroes(at, r.end - r.start);
+  }
 }

@@ -267,3 +267,72 @@ test("convert: in order, reads run only as far ahead as the writes need (up to -
   // Out of order (-W): all of -m from the start.
   assert.equal(await run(0, 25, { outOfOrder: true, parallel: 4 }), 4);
 });
+
+/** A raw target whose writes take `ms`; it records each call in call order and the most in flight. */
+class RecordingTarget extends SlowDevice {
+  readonly calls: { kind: "write" | "zeroes"; offset: number; inFlight: number }[] = [];
+  inFlight = 0;
+  maxInFlight = 0;
+  constructor(
+    inner: RawImage,
+    private readonly ms: number,
+  ) {
+    super(inner, 0, 0, { now: 0, max: 0 });
+  }
+  private async timed(kind: "write" | "zeroes", offset: number, op: () => Promise<void>): Promise<void> {
+    this.calls.push({ kind, offset, inFlight: this.inFlight });
+    this.inFlight++;
+    this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
+    try {
+      await new Promise((r) => setTimeout(r, this.ms));
+      await op();
+    } finally {
+      this.inFlight--;
+    }
+  }
+  override write(src: Uint8Array, offset: number): Promise<void> {
+    return this.timed("write", offset, () => super.write(src, offset));
+  }
+  override writeZeroes(offset: number, length: number): Promise<void> {
+    return this.timed("zeroes", offset, () => super.writeZeroes(offset, length));
+  }
+}
+
+test("convert: in order, a chunk of data is issued while the write before it runs; zero writes wait for all", async () => {
+  const chunk = 2 * 1024 * 1024;
+  const size = 8 * chunk;
+  const run = async (data: Uint8Array, opts: { targetZeroed: boolean; parallel?: number }) => {
+    const { dev, storage } = await target(size, opts.targetZeroed ? 0 : 0xee);
+    const t = new RecordingTarget(dev, 10);
+    await convert([await RawImage.open(new MemoryStorage(data.slice()))], t, { minSparse: 4096, ...opts });
+    assert.deepEqual(storage.bytes(), data);
+    const offsets = t.calls.map((c) => c.offset);
+    assert.deepEqual(
+      offsets,
+      [...offsets].sort((a, b) => a - b),
+      "calls in guest order",
+    );
+    return t;
+  };
+  // Data only: each chunk's write is issued while the one before it is in flight (never more).
+  const dense = noise(size, 11);
+  const d = await run(dense, { targetZeroed: true });
+  assert.equal(d.calls.length, 8);
+  assert.equal(d.maxInFlight, 2);
+  assert.ok(d.calls.slice(1).every((c) => c.inFlight === 1));
+  // With -m 1, one at a time.
+  assert.equal((await run(dense, { targetZeroed: true, parallel: 1 })).maxInFlight, 1);
+  // Zero blocks in every other chunk, on a target that is not zeroed: the zero writes, and the
+  // chunks that hold them, start once every earlier write is done.
+  const sparse = dense.slice();
+  for (let at = chunk; at < size; at += 2 * chunk) sparse.fill(0, at + 8192, at + 16384);
+  const s = await run(sparse, { targetZeroed: false });
+  assert.equal(s.calls.filter((c) => c.kind === "zeroes").length, 4);
+  assert.equal(s.maxInFlight, 1);
+  // The same chunks on a zeroed target skip the zeros: a chunk's two runs of data are issued
+  // together, while the chunk before it is in flight.
+  const z = await run(sparse, { targetZeroed: true });
+  assert.equal(z.calls.length, 12);
+  assert.ok(z.calls.every((c) => c.kind === "write"));
+  assert.equal(z.maxInFlight, 3);
+});
