@@ -8,6 +8,18 @@ import { isZero } from "../image/zero.js";
 import { ioBuffer } from "../io/buffer.js";
 import { mapExtents } from "./map.js";
 
+/**
+ * Milliseconds, for the pacer. Node's `performance` global loads its perf_hooks modules on first
+ * use (~1 ms of start-up); `process.hrtime` is already there. Browsers have only `performance`.
+ */
+const hrtime = (globalThis as { process?: { hrtime?: () => [number, number] } }).process?.hrtime;
+const now: () => number = hrtime
+  ? () => {
+      const [s, ns] = hrtime();
+      return s * 1e3 + ns / 1e6;
+    }
+  : () => performance.now();
+
 /** qemu-img's I/O buffer: data is copied at most this much per request. */
 export const CONVERT_CHUNK = 2 * 1024 * 1024;
 /**
@@ -209,19 +221,19 @@ export async function convert(sources: BlockDevice[], target: BlockDevice, opts:
     const slot = takeSlot();
     const buf = (buffers.pop() ?? ioBuffer(chunkSize)).subarray(0, length);
     try {
-      const t0 = performance.now();
+      const t0 = now();
       await readSources(sources, buf, dst);
       const packed = compressor ? await compressor.compress(buf, (target as CompressedTarget).clusterSize) : undefined;
-      const readMs = performance.now() - t0;
+      const readMs = now() - t0;
       try {
         const runs = packed ? undefined : sparseRuns(buf, dst, minSparse, target.size);
         const dataOnly = runs !== undefined && (targetZeroed || runs.every((r) => !r.zero));
         await slot.start(dataOnly);
-        const t1 = performance.now();
+        const t1 = now();
         if (packed) await writeClusters(target as CompressedTarget, buf, dst, packed.clusters, targetZeroed);
         else await writeRuns(target, buf, dst, runs as Run[], targetZeroed, dataOnly ? slot.issued : undefined);
         if (pacer) {
-          pacer.observe(readMs, performance.now() - t1);
+          pacer.observe(readMs, now() - t1);
           pool.limit = pacer.window;
         }
       } finally {
