@@ -2,7 +2,7 @@
   "targets": [
     {
       "target_name": "qcowkit_seek",
-      "sources": ["native/seek.c"],
+      "sources": ["native/seek.c", "native/v8flags.cc"],
       "cflags": ["-O2", "-Wall"]
     },
     {

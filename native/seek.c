@@ -272,6 +272,9 @@ static napi_value SendBuffer(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/* v8Flags(flags): in v8flags.cc (V8's C++ API). */
+napi_value V8Flags(napi_env env, napi_callback_info info);
+
 NAPI_MODULE_INIT() {
   napi_property_descriptor functions[] = {
     EXPORT_FUNCTION("seek", Seek),
@@ -283,6 +286,7 @@ NAPI_MODULE_INIT() {
     EXPORT_FUNCTION("sendRange", SendRange),
     EXPORT_FUNCTION("sendBuffer", SendBuffer),
     EXPORT_FUNCTION("mallocOption", MallocOption),
+    EXPORT_FUNCTION("v8Flags", V8Flags),
   };
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
   return exports;

@@ -189,6 +189,24 @@ test("tuneMalloc: glibc takes both settings (in a child process, not the test ru
   assert.deepEqual(JSON.parse(r.stdout), { ok: [true, true, true], refused: [true, true] });
 });
 
+test("setV8FlagNatively: the flag takes effect (in a child process, not the test runner's)", () => {
+  const file = new URL("../../src/io/file.js", import.meta.url).href;
+  // V8's natives syntax compiles only once --allow-natives-syntax is set.
+  const code = (set: boolean) => `import(${JSON.stringify(file)}).then((m) => {
+    const set = ${set} ? m.setV8FlagNatively("--allow-natives-syntax") : false;
+    let compiled = true;
+    try { new Function("return %IsBeingInterpreted()"); } catch { compiled = false; }
+    console.log(JSON.stringify({ set, compiled }));
+  });`;
+  const run = (set: boolean) => {
+    const r = spawnSync(process.execPath, ["-e", code(set)], { encoding: "utf8" });
+    assert.equal(r.status, 0, r.stderr);
+    return JSON.parse(r.stdout);
+  };
+  assert.deepEqual(run(false), { set: false, compiled: false });
+  assert.deepEqual(run(true), { set: true, compiled: true });
+});
+
 test("tuneMalloc: with a fixed mmap threshold, freed megabyte buffers leave the process", () => {
   // glibc's default: once a 1 MiB block was freed, the next ones come from its heap, and what is
   // freed there stays resident. With the threshold fixed, each is unmapped when freed.
