@@ -65,6 +65,12 @@ export const serve: Command = {
     // V8's compiler threads, showed as a 3 MiB spike of the server's peak. At 400, fio's random
     // writes, reads and nbdcopy each ran 2-4 % faster and peaked 1-2 MiB lower.
     setV8Flags("--max-inlined-bytecode-size-cumulative=400");
+    // No optimised code for functions of more than 2000 bytes of bytecode (V8's limit: 60 KiB):
+    // the write path's largest async functions took TurboFan 13-33 ms each to compile, and their
+    // compiler zones were ~6 MiB of the server's malloc peak under fio's random writes. Left to
+    // baseline code, they ran as fast (random writes 1.06 -> 1.02 s, random reads and nbdcopy
+    // within noise) and the peak went 56-58 -> 53-54 MiB.
+    setV8Flags("--max-optimized-bytecode-size=2000");
     // One malloc arena for the main thread, one shared by all others (see tuneMalloc).
     tuneMalloc({ arenaMax: 2 });
     const file = p[0];
