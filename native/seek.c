@@ -17,8 +17,10 @@
 #include <malloc.h>
 #endif
 #include <node_api.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/sendfile.h>
 #include <sys/socket.h>
@@ -272,6 +274,97 @@ static napi_value SendBuffer(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * Writes of one file, one at a time, on the thread pool (writeSerial). A buffered write holds
+ * the file's inode lock, and a second writer waiting for it spins on a CPU while the first one
+ * copies (the kernel's optimistic spinning); these wait asleep on a mutex instead. The mutexes
+ * are shared by descriptor number modulo their count: files whose numbers collide only wait
+ * for each other, which their writes' copies into the page cache mostly would anyway.
+ */
+#define SERIAL_LOCKS 16
+static pthread_mutex_t serial_locks[SERIAL_LOCKS] = {
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+    PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+};
+
+typedef struct {
+  napi_async_work work;
+  napi_ref buf_ref;
+  napi_deferred deferred;
+  int fd;
+  const uint8_t *data;
+  size_t length;
+  int64_t offset;
+  int64_t result; /* bytes written, or -errno */
+} SerialWrite;
+
+static void serial_execute(napi_env env, void *data) {
+  (void)env;
+  SerialWrite *w = data;
+  pthread_mutex_t *lock = &serial_locks[(unsigned)w->fd % SERIAL_LOCKS]; /* -1 too: it fails */
+  pthread_mutex_lock(lock);
+  size_t done = 0;
+  while (done < w->length) {
+    ssize_t n = pwrite(w->fd, w->data + done, w->length - done, w->offset + (int64_t)done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      w->result = n < 0 ? -errno : (int64_t)done;
+      pthread_mutex_unlock(lock);
+      return;
+    }
+    done += (size_t)n;
+  }
+  pthread_mutex_unlock(lock);
+  w->result = (int64_t)done;
+}
+
+static void serial_complete(napi_env env, napi_status status, void *data) {
+  SerialWrite *w = data;
+  napi_value result;
+  napi_create_double(env, status == napi_ok ? (double)w->result : -EIO, &result);
+  napi_resolve_deferred(env, w->deferred, result);
+  napi_delete_reference(env, w->buf_ref);
+  napi_delete_async_work(env, w->work);
+  free(w);
+}
+
+/*
+ * writeSerial(fd, buffer, offset) -> Promise<number>: pwrite of all of `buffer` at `offset` on
+ * the thread pool, one at a time per file (see serial_locks): the bytes written (fewer only where
+ * the file took no more), or -errno (EBADF for a closed storage's -1). The buffer must not be
+ * touched until the promise settles.
+ */
+static napi_value WriteSerial(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], promise, name;
+  void *data;
+  size_t length;
+  double fd, offset;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
+      napi_get_value_double(env, argv[0], &fd) != napi_ok || !get_bytes(env, argv[1], &data, &length) ||
+      napi_get_value_double(env, argv[2], &offset) != napi_ok || offset < 0) {
+    napi_throw_type_error(env, NULL, "writeSerial(fd, Uint8Array, offset)");
+    return NULL;
+  }
+  SerialWrite *w = calloc(1, sizeof *w);
+  if (!w) {
+    napi_throw_error(env, NULL, "out of memory");
+    return NULL;
+  }
+  w->fd = (int)fd;
+  w->data = data;
+  w->length = length;
+  w->offset = (int64_t)offset;
+  napi_create_reference(env, argv[1], 1, &w->buf_ref);
+  napi_create_promise(env, &w->deferred, &promise);
+  napi_create_string_utf8(env, "qcowkit:write", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, serial_execute, serial_complete, w, &w->work);
+  napi_queue_async_work(env, w->work);
+  return promise;
+}
+
 /* v8Flags(flags): in v8flags.cc (V8's C++ API). */
 napi_value V8Flags(napi_env env, napi_callback_info info);
 
@@ -287,6 +380,7 @@ NAPI_MODULE_INIT() {
     EXPORT_FUNCTION("sendBuffer", SendBuffer),
     EXPORT_FUNCTION("mallocOption", MallocOption),
     EXPORT_FUNCTION("v8Flags", V8Flags),
+    EXPORT_FUNCTION("writeSerial", WriteSerial),
   };
   napi_define_properties(env, exports, sizeof functions / sizeof functions[0], functions);
   return exports;

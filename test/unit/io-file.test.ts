@@ -124,9 +124,41 @@ test("FileStorage: a failed write, small or large, is reported with the file and
   for (const length of [4096, 128 * 1024]) {
     await assert.rejects(
       s.write(new Uint8Array(length), 4096),
-      (e: unknown) => e instanceof QcowError && /closed\.bin' at offset 4096/.test(e.message),
+      (e: unknown) =>
+        e instanceof QcowError && /closed\.bin' at offset 4096: Bad file descriptor$/.test(e.message),
     );
   }
+});
+
+test("FileStorage: a device that refuses a write (/dev/full) gives ENOSPC, from every write path", async () => {
+  const s = await FileStorage.open("/dev/full", { readOnly: false, locking: "none" });
+  try {
+    // The calling thread (4 KiB), and the pool (the addon's writeSerial: 128 KiB, 2 MiB).
+    for (const length of [4096, 128 * 1024, 2 * 1024 * 1024]) {
+      await assert.rejects(s.write(new Uint8Array(length).fill(1), 8192), (e: unknown) => {
+        assert.ok(e instanceof QcowError);
+        assert.equal(e.message, "Could not write to '/dev/full' at offset 8192: No space left on device");
+        assert.equal((e.cause as NodeJS.ErrnoException).code, "ENOSPC"); // what an NBD client is told
+        return true;
+      });
+    }
+  } finally {
+    await s.close();
+  }
+});
+
+test("FileStorage: large writes in flight together all land", async () => {
+  const file = path.join(dir, "large-together.bin");
+  const s = await FileStorage.open(file, { readOnly: false, create: true, locking: "none" });
+  const mib = 1024 * 1024;
+  const data = noise(8 * mib, 21);
+  try {
+    // Out of order, all at once: one at a time per file inside, each whole.
+    await Promise.all([5, 0, 7, 2, 1, 6, 3, 4].map((i) => s.write(data.subarray(i * mib, (i + 1) * mib), i * mib)));
+  } finally {
+    await s.close();
+  }
+  assert.ok(Buffer.compare(readFileSync(file), data) === 0);
 });
 
 test("FileStorage: a second close, and reads and writes after close, do not touch a descriptor reused by another open", async () => {
