@@ -124,8 +124,7 @@ test("FileStorage: a failed write, small or large, is reported with the file and
   for (const length of [4096, 128 * 1024]) {
     await assert.rejects(
       s.write(new Uint8Array(length), 4096),
-      (e: unknown) =>
-        e instanceof QcowError && /closed\.bin' at offset 4096: Bad file descriptor$/.test(e.message),
+      (e: unknown) => e instanceof QcowError && /closed\.bin' at offset 4096: Bad file descriptor$/.test(e.message),
     );
   }
 });
