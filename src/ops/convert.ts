@@ -102,9 +102,10 @@ class TaskPool {
 /**
  * How many chunks to have in flight when writes go in order: enough reads ahead to keep the
  * writes busy, and no more. Each chunk in flight holds a 2 MiB buffer and a thread; when reading
- * a chunk costs about what writing one does (a local raw or qcow2 source), two — one read while
- * one is written — copied the 2 GiB bench disk with 15 % less CPU than eight (the buffers stay in
- * the CPU's cache, and fewer threads contend for two cores). Slow reads (decompression, HTTP,
+ * a chunk costs about what writing one does (a local raw or qcow2 source), two — one written
+ * while the next is read and queued behind it — copied the 2 GiB bench disk with 15 % less CPU
+ * than eight (the buffers stay in the CPU's cache, and fewer threads contend for two cores;
+ * three or four were no faster once writes were queued). Slow reads (decompression, HTTP,
  * compression for -c) raise it up to the limit.
  */
 class Pacer {
