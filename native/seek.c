@@ -297,6 +297,7 @@ typedef struct {
   const uint8_t *data;
   size_t length;
   int64_t offset;
+  bool allocate;  /* fallocate() the range first (see Allocate) */
   int64_t result; /* bytes written, or -errno */
 } SerialWrite;
 
@@ -305,6 +306,11 @@ static void serial_execute(napi_env env, void *data) {
   SerialWrite *w = data;
   pthread_mutex_t *lock = &serial_locks[(unsigned)w->fd % SERIAL_LOCKS]; /* -1 too: it fails */
   pthread_mutex_lock(lock);
+  /* Errors are left to the write: it reports what matters (ENOSPC). */
+  if (w->allocate) {
+    while (fallocate(w->fd, 0, (off_t)w->offset, (off_t)w->length) == -1 && errno == EINTR) {
+    }
+  }
   size_t done = 0;
   while (done < w->length) {
     ssize_t n = pwrite(w->fd, w->data + done, w->length - done, w->offset + (int64_t)done);
@@ -331,21 +337,25 @@ static void serial_complete(napi_env env, napi_status status, void *data) {
 }
 
 /*
- * writeSerial(fd, buffer, offset) -> Promise<number>: pwrite of all of `buffer` at `offset` on
- * the thread pool, one at a time per file (see serial_locks): the bytes written (fewer only where
- * the file took no more), or -errno (EBADF for a closed storage's -1). The buffer must not be
- * touched until the promise settles.
+ * writeSerial(fd, buffer, offset, allocate) -> Promise<number>: pwrite of all of `buffer` at
+ * `offset` on the thread pool, one at a time per file (see serial_locks), after fallocate() of
+ * the range with `allocate` (there, not on the calling thread: it waits for the inode lock too,
+ * which the write in flight holds): the bytes written (fewer only where the file took no more),
+ * or -errno (EBADF for a closed storage's -1). The buffer must not be touched until the promise
+ * settles.
  */
 static napi_value WriteSerial(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3], promise, name;
+  size_t argc = 4;
+  napi_value argv[4], promise, name;
   void *data;
   size_t length;
   double fd, offset;
-  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 3 ||
+  bool allocate;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc != 4 ||
       napi_get_value_double(env, argv[0], &fd) != napi_ok || !get_bytes(env, argv[1], &data, &length) ||
-      napi_get_value_double(env, argv[2], &offset) != napi_ok || offset < 0) {
-    napi_throw_type_error(env, NULL, "writeSerial(fd, Uint8Array, offset)");
+      napi_get_value_double(env, argv[2], &offset) != napi_ok || offset < 0 ||
+      napi_get_value_bool(env, argv[3], &allocate) != napi_ok) {
+    napi_throw_type_error(env, NULL, "writeSerial(fd, Uint8Array, offset, allocate)");
     return NULL;
   }
   SerialWrite *w = calloc(1, sizeof *w);
@@ -357,6 +367,7 @@ static napi_value WriteSerial(napi_env env, napi_callback_info info) {
   w->data = data;
   w->length = length;
   w->offset = (int64_t)offset;
+  w->allocate = allocate;
   napi_create_reference(env, argv[1], 1, &w->buf_ref);
   napi_create_promise(env, &w->deferred, &promise);
   napi_create_string_utf8(env, "qcowkit:write", NAPI_AUTO_LENGTH, &name);

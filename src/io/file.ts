@@ -39,8 +39,11 @@ type SendRangeFn = (socket: number, header: Uint8Array, fd: number, offset: numb
 type SendBufferFn = (socket: number, bytes: number) => number;
 /** mallopt(M_ARENA_MAX or M_MMAP_THRESHOLD, value): true where glibc took it. */
 type MallocOptionFn = (name: "arenaMax" | "mmapThreshold", value: number) => boolean;
-/** pwrite of all of a buffer on the thread pool, one at a time per file: bytes written, or -errno. */
-type WriteSerialFn = (fd: number, src: Uint8Array, offset: number) => Promise<number>;
+/**
+ * pwrite of all of a buffer on the thread pool, one at a time per file, after fallocate() of the
+ * range with `allocate`: bytes written, or -errno.
+ */
+type WriteSerialFn = (fd: number, src: Uint8Array, offset: number, allocate: boolean) => Promise<number>;
 /** V8's SetFlagsFromString, as node:v8's setFlagsFromString. */
 type V8FlagsFn = (flags: string) => void;
 
@@ -160,9 +163,10 @@ const SYNC_WRITE_MAX = 64 * 1024;
 const allocate = native.allocate;
 /**
  * Larger writes go to the pool through the addon where it is (writeSerial): one at a time per
- * file, the others asleep on a mutex. `convert` issues a chunk's write while the one before it
- * is in flight; through fs.write the second waited for the file's inode lock spinning on the
- * other CPU (~30 ms more system time per 2 GiB convert, 8 %, the same wall time or ~5 % more).
+ * file, the others asleep on a mutex, each with its fallocate() on the pool too. `convert`
+ * issues a chunk's write while the one before it is in flight; through fs.write the second
+ * waited for the file's inode lock spinning on the other CPU (~30 ms more system time per 2 GiB
+ * convert, 8 %), and the fallocate() before it, on the event loop, waited for that lock as well.
  */
 const writeSerial = native.writeSerial;
 
@@ -350,17 +354,17 @@ export class FileStorage implements Storage {
     if (this.readOnly) throw new QcowError("read-only", `${this.name} is open read-only`);
     // Closed (descriptor -1): EBADF, as the system call gives, not Node's check of the number.
     if (this.fd < 0) throw failed(errnoError(-osConstants.errno.EBADF), "write to", this.name, offset);
-    if (allocate && src.length >= ALLOCATE_MIN) allocate(this.fd, offset, src.length);
     let done = 0;
     try {
-      if (src.length <= SYNC_WRITE_MAX) {
-        while (done < src.length) done += writeSync(this.fd, src, done, src.length - done, offset + done);
-        return;
-      }
-      if (writeSerial) {
-        const n = await writeSerial(this.fd, src, offset);
+      if (writeSerial && src.length > SYNC_WRITE_MAX) {
+        const n = await writeSerial(this.fd, src, offset, src.length >= ALLOCATE_MIN);
         // A write the file took only part of means no space, as QEMU's file driver reports it.
         if (n < src.length) throw errnoError(n < 0 ? n : -osConstants.errno.ENOSPC);
+        return;
+      }
+      if (allocate && src.length >= ALLOCATE_MIN) allocate(this.fd, offset, src.length);
+      if (src.length <= SYNC_WRITE_MAX) {
+        while (done < src.length) done += writeSync(this.fd, src, done, src.length - done, offset + done);
         return;
       }
       while (done < src.length) {
