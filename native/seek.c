@@ -116,18 +116,18 @@ static napi_value ReadCached(napi_env env, napi_callback_info info) {
  * into allocated blocks costs the file system less than allocating them block by block during
  * the write (ext4's delayed allocation). EOPNOTSUPP where the file system cannot.
  */
+static int allocate_range(int fd, off_t offset, off_t length) {
+  while (fallocate(fd, 0, offset, length) == -1) {
+    if (errno != EINTR) return errno;
+  }
+  return 0;
+}
+
 static napi_value Allocate(napi_env env, napi_callback_info info) {
   double a[3];
   napi_value result;
   if (!get_numbers(env, info, "allocate(fd, offset, length)", 3, a)) return NULL;
-  int err = 0;
-  while (fallocate((int)a[0], 0, (off_t)a[1], (off_t)a[2]) == -1) {
-    if (errno != EINTR) {
-      err = errno;
-      break;
-    }
-  }
-  napi_create_int32(env, err, &result);
+  napi_create_int32(env, allocate_range((int)a[0], (off_t)a[1], (off_t)a[2]), &result);
   return result;
 }
 
@@ -206,6 +206,16 @@ static napi_value CachedPages(napi_env env, napi_callback_info info) {
 }
 
 /*
+ * sendRange's result where a send failed with errno: a full socket, or an error after some
+ * bytes (the caller's next write meets it), gives what went; an error before any, -errno.
+ */
+static napi_value send_stopped(napi_env env, double sent) {
+  napi_value result;
+  napi_create_double(env, errno == EAGAIN || errno == EWOULDBLOCK || sent > 0 ? sent : -errno, &result);
+  return result;
+}
+
+/*
  * sendRange(socket, header, fd, offset, length) -> bytes sent: the header, then `length` bytes
  * of file `fd` from `offset` (sendfile: from the page cache to the socket inside the kernel, with
  * no read into memory of ours; into a Unix socket since Linux 6.5 the pages themselves go, not a
@@ -231,11 +241,7 @@ static napi_value SendRange(napi_env env, napi_callback_info info) {
   while ((size_t)sent < headLength) {
     ssize_t n = send(sock, (char *)head + (size_t)sent, headLength - (size_t)sent, MSG_DONTWAIT | MSG_NOSIGNAL);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      // A full socket, or an error after some bytes (the caller's next write meets it): what went.
-      napi_create_double(env, errno == EAGAIN || errno == EWOULDBLOCK || sent > 0 ? sent : -errno, &result);
-      return result;
-    }
+    if (n < 0) return send_stopped(env, sent);
     sent += (double)n;
   }
   off_t at = (off_t)offset;
@@ -243,11 +249,7 @@ static napi_value SendRange(napi_env env, napi_callback_info info) {
   while (left > 0) {
     ssize_t n = sendfile(sock, fd, &at, left);
     if (n < 0 && errno == EINTR) continue;
-    if (n < 0) {
-      // A full socket, or an error after some bytes (the caller's next write meets it): what went.
-      napi_create_double(env, errno == EAGAIN || errno == EWOULDBLOCK || sent > 0 ? sent : -errno, &result);
-      return result;
-    }
+    if (n < 0) return send_stopped(env, sent);
     if (n == 0) break;
     sent += (double)n;
     left -= (size_t)n;
@@ -307,10 +309,7 @@ static void serial_execute(napi_env env, void *data) {
   pthread_mutex_t *lock = &serial_locks[(unsigned)w->fd % SERIAL_LOCKS]; /* -1 too: it fails */
   pthread_mutex_lock(lock);
   /* Errors are left to the write: it reports what matters (ENOSPC). */
-  if (w->allocate) {
-    while (fallocate(w->fd, 0, (off_t)w->offset, (off_t)w->length) == -1 && errno == EINTR) {
-    }
-  }
+  if (w->allocate) allocate_range(w->fd, (off_t)w->offset, (off_t)w->length);
   size_t done = 0;
   while (done < w->length) {
     ssize_t n = pwrite(w->fd, w->data + done, w->length - done, w->offset + (int64_t)done);

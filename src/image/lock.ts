@@ -90,3 +90,16 @@ export class Turns {
     }
   }
 }
+
+/**
+ * Waits for every one of `jobs`, then throws the first failure: nothing started keeps running
+ * after the caller has seen an error. One job is awaited as it is (most writes have one part).
+ */
+export async function allDone(jobs: Promise<unknown>[]): Promise<void> {
+  if (jobs.length === 1) {
+    await jobs[0];
+    return;
+  }
+  const failed = (await Promise.allSettled(jobs)).find((r) => r.status === "rejected");
+  if (failed) throw (failed as PromiseRejectedResult).reason;
+}

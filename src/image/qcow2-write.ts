@@ -35,7 +35,7 @@ import {
 } from "../format/tables.js";
 import { readFull } from "../io/storage.js";
 import { BitmapTracker } from "./bitmaps.js";
-import { Mutex, RangeLocks, Turns } from "./lock.js";
+import { allDone, Mutex, RangeLocks, Turns } from "./lock.js";
 import { type MetadataLayout, metadataClusters, overlappingIn } from "./overlap.js";
 import type { Qcow2Image } from "./qcow2.js";
 import { Refcounts, type TableMoved } from "./refcount.js";
@@ -373,12 +373,7 @@ export class Qcow2Writer {
       else if (allocations.length === 1) allocations[0].then(() => this.turns.done(turn));
       else Promise.all(allocations).then(() => this.turns.done(turn));
     }
-    if (jobs.length === 1) {
-      await jobs[0];
-    } else {
-      const failed = (await Promise.allSettled(jobs)).find((r) => r.status === "rejected");
-      if (failed) throw (failed as PromiseRejectedResult).reason;
-    }
+    await allDone(jobs);
     await this.maybeWriteBack();
   }
 

@@ -326,10 +326,15 @@ export class FileStorage implements Storage {
     return rest;
   }
 
+  /** I/O after close (descriptor -1): EBADF, as the system call gives, not Node's check of the number. */
+  private closed(what: string, offset: number): QcowError {
+    return failed(errnoError(-osConstants.errno.EBADF), what, this.name, offset);
+  }
+
   // Positional I/O through fs.read/fs.write on the handle's descriptor: the callback API costs
   // less per call than FileHandle's promise API, and convert makes many calls.
   async read(dst: Uint8Array, offset: number): Promise<number> {
-    if (this.fd < 0) throw failed(errnoError(-osConstants.errno.EBADF), "read from", this.name, offset);
+    if (this.fd < 0) throw this.closed("read from", offset);
     let done = 0;
     if (readCached && dst.length <= CACHED_READ_MAX && dst.length > 0) {
       const n = readCached(this.fd, dst, offset);
@@ -352,9 +357,7 @@ export class FileStorage implements Storage {
 
   async write(src: Uint8Array, offset: number): Promise<void> {
     if (this.readOnly) throw new QcowError("read-only", `${this.name} is open read-only`);
-    // Closed (descriptor -1): EBADF, as the system call gives, not Node's check of the number.
-    if (this.fd < 0) throw failed(errnoError(-osConstants.errno.EBADF), "write to", this.name, offset);
-    let done = 0;
+    if (this.fd < 0) throw this.closed("write to", offset);
     try {
       if (writeSerial && src.length > SYNC_WRITE_MAX) {
         const n = await writeSerial(this.fd, src, offset, src.length >= ALLOCATE_MIN);
@@ -363,6 +366,7 @@ export class FileStorage implements Storage {
         return;
       }
       if (allocate && src.length >= ALLOCATE_MIN) allocate(this.fd, offset, src.length);
+      let done = 0;
       if (src.length <= SYNC_WRITE_MAX) {
         while (done < src.length) done += writeSync(this.fd, src, done, src.length - done, offset + done);
         return;

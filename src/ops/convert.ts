@@ -4,6 +4,7 @@
  * already reads as zeros; data is copied in chunks with several in flight.
  */
 import type { BlockDevice } from "../image/block-device.js";
+import { allDone } from "../image/lock.js";
 import { isZero } from "../image/zero.js";
 import { ioBuffer } from "../io/buffer.js";
 import { mapExtents } from "./map.js";
@@ -352,10 +353,7 @@ async function writeRuns(
     const writes: Promise<void>[] = [];
     for (const r of runs) if (!r.zero) writes.push(target.write(buf.subarray(r.start, r.end), offset + r.start));
     issued();
-    if (writes.length === 1) return writes[0];
-    const failed = (await Promise.allSettled(writes)).find((r) => r.status === "rejected");
-    if (failed) throw (failed as PromiseRejectedResult).reason;
-    return;
+    return allDone(writes);
   }
   for (const r of runs) {
     const at = offset + r.start;
